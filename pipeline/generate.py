@@ -151,6 +151,9 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     todo = snippets.filter(lambda r: r["id"] not in done) if done else snippets
     c = cfg.compute
     if total - len(done) > 0:
+        # Blocks of one batch each: every finished batch is written as its own file at once, which is
+        # the unit of resume (otherwise a whole input block's results wait in memory until it is done).
+        todo = todo.repartition(target_num_rows_per_block=c.batch_size)
         todo.map_batches(
             InverseInstruct,
             fn_constructor_kwargs={"cfg": cfg},

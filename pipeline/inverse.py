@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import GenerateConfig
-from pipeline.engines import SamplingSpec, create_engine, yes_probability
+from pipeline.engines import Engine, SamplingSpec, create_engine, yes_probability
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
 
@@ -40,8 +40,9 @@ SCORED_SCHEMA = pa.schema([
 class InverseInstruct:
     """Callable class for `ray.data.Dataset.map_batches`: snippets in, one scored row per snippet out."""
 
-    def __init__(self, cfg: GenerateConfig) -> None:
-        self.engine = create_engine(cfg.model, resolve_model_path(cfg.model.path))
+    def __init__(self, cfg: GenerateConfig, engine: Engine | None = None) -> None:
+        # `engine` lets a caller share an already loaded engine (tests, notebooks); Ray passes only cfg.
+        self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
         tokenizer = self.engine.tokenizer
         self.prompts = PromptBuilder(tokenizer, cfg.model.prompt_format)
         yes, no = single_token_ids(tokenizer, cfg.judge.yes_words), single_token_ids(tokenizer, cfg.judge.no_words)

@@ -9,8 +9,6 @@ requested: in vLLM they disable prefix caching and allocate a [tokens x vocab] t
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
@@ -44,9 +42,7 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
         self._params = SamplingParams
-        self._has_token_ids = "logprob_token_ids" in {f.name for f in dataclasses.fields(SamplingParams)} or (
-            "logprob_token_ids" in getattr(SamplingParams, "__struct_fields__", ())
-        )
+        self._has_token_ids = _supports_logprob_token_ids(SamplingParams)
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[str]]:
         params = [
@@ -77,6 +73,15 @@ class VLLMEngine:
                 if tid in first:
                     result[row, col] = first[tid].logprob
         return result
+
+
+def _supports_logprob_token_ids(sampling_params: type) -> bool:
+    """True where SamplingParams takes `logprob_token_ids` (a msgspec struct in recent vLLM, so ask it)."""
+    try:
+        sampling_params(max_tokens=1, logprobs=1, logprob_token_ids=[0])
+    except TypeError:
+        return False
+    return True
 
 
 def _tokens(prompt: list[int]) -> dict:

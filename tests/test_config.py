@@ -1,0 +1,77 @@
+"""Config: one place, typed, errors that name the key, flags over YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser, config_from_args
+from pipeline.config import ConfigError, fingerprint, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    s = cfg.summarize
+    assert (s.num_candidates, s.temperature, s.top_p, s.repetition_penalty, s.max_new_tokens, s.stop) == (
+        10, 0.8, 1.0, 1.1, 2048, ["```"])
+    assert cfg.select.min_score is None and cfg.extract.dedup
+
+
+def test_unknown_key_names_the_key_and_suggests(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("summarize:\n  num_candidats: 4\n")
+    with pytest.raises(ConfigError, match=r"summarize\.num_candidats: unknown config key \(did you mean `num_candidates`"):
+        load_config(path)
+
+
+def test_unknown_section_and_ill_typed_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"sumarize: unknown config key"):
+        load_config(overrides={"sumarize.num_candidates": 3})
+    with pytest.raises(ConfigError, match=r"summarize\.num_candidates: .*integer"):
+        load_config(overrides={"summarize.num_candidates": "ten"})
+    with pytest.raises(ConfigError, match=r"model\.engine"):
+        load_config(overrides={"model.engine": "tgi"})
+    with pytest.raises(ConfigError, match=r"summarize\.temperature"):
+        load_config(overrides={"summarize.temperature": -1})
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="max_actors"):
+        load_config(overrides={"compute.min_actors": 3, "compute.max_actors": 2})
+
+
+def test_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("summarize:\n  num_candidates: 4\n  max_new_tokens: 64\ninput:\n  limit: 5\n")
+    args = build_parser().parse_args(
+        ["generate", "--config", str(path), "--num-candidates", "3", "--engine", "transformers",
+         "--set", "compute.batch_size=16", "--output", "x"])
+    cfg = config_from_args(args)
+    assert cfg.summarize.num_candidates == 3  # flag wins
+    assert cfg.summarize.max_new_tokens == 64  # YAML kept
+    assert cfg.input.limit == 5 and cfg.model.engine == "transformers"
+    assert cfg.compute.batch_size == 16 and cfg.output == "x"
+
+
+def test_bundled_configs_validate():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_fingerprint_ignores_compute_but_not_the_model():
+    base = fingerprint(load_config())
+    assert fingerprint(load_config(overrides={"compute.batch_size": 99})) == base
+    changed = fingerprint(load_config(overrides={"model.path": "other"}))
+    assert changed["preprocess"] == base["preprocess"] and changed["inverse"] != base["inverse"]
+    only_select = fingerprint(load_config(overrides={"select.min_score": 0.5}))
+    assert only_select["inverse"] == base["inverse"] and only_select["select"] != base["select"]
+
+
+def test_cli_reports_config_errors_before_any_work(capsys):
+    from pipeline.cli import main
+
+    assert main(["generate", "--set", "judge.yes_word=[Yes]"]) == 2
+    assert "judge.yes_word: unknown config key" in capsys.readouterr().err

@@ -1,0 +1,149 @@
+"""`generate` end to end through real Ray Data, on real corpus rows plus a file of bad rows.
+
+The engine is the transformers one on the tiny random model (fast); the real-model, real-vLLM run is
+in test_demo.py. What is checked is the bookkeeping a user relies on: every input row ends in exactly
+one of selected/ or rejected/, counts agree with the files, reruns and resumes redo nothing that was done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.generate import generate
+from tests.test_io import bad_rows_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def read(folder: Path, sort: list[str]) -> list[dict]:
+    table = pads.dataset(str(folder), format="parquet").to_table()
+    return table.sort_by([(c, "ascending") for c in sort]).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def corpus_folder(tmp_path_factory, corpus) -> Path:
+    """20 real rows (JSONL) + the bad rows file, in one input folder."""
+    folder = tmp_path_factory.mktemp("input")
+    with open(folder / "real.jsonl", "w") as f:
+        for row in corpus[:20]:
+            f.write(json.dumps(row) + "\n")
+    # An exact duplicate of a real row's code, to exercise dedup.
+    dup = next(r for r in corpus[:20] if "```python" in r["output"])
+    with open(folder / "real.jsonl", "a") as f:
+        f.write(json.dumps({"instruction": "same code again", "output": dup["output"]}) + "\n")
+    bad_rows_jsonl(folder / "zz_bad.jsonl")
+    return folder
+
+
+def tiny_overrides(tiny_model: str, folder: Path, output: Path, **extra) -> dict:
+    return {"input.path": str(folder), "output": str(output), "model.path": tiny_model,
+            "model.engine": "transformers", "model.dtype": "float32", "model.max_model_len": 1024,
+            "summarize.num_candidates": 3, "summarize.max_new_tokens": 8, "extract.max_code_chars": 4000,
+            "compute.batch_size": 4, **extra}
+
+
+def test_every_input_row_ends_in_exactly_one_place(ray_local, tiny_model, corpus_folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out))
+    manifest = generate(cfg)
+
+    c = manifest["counts"]
+    assert c["input"] == 21 + 9
+    selected = read(out / "selected", ["id"])
+    rejected = read(out / "rejected", ["id"])
+    snippets = read(out / "snippets", ["id"])
+    candidates = read(out / "candidates", ["id", "k"])
+    selected_ids, rejected_ids = [r["id"] for r in selected], [r["id"] for r in rejected]
+    assert len(set(selected_ids)) == len(selected_ids) and len(set(rejected_ids)) == len(rejected_ids)
+    assert not set(selected_ids) & set(rejected_ids)
+    assert len(selected_ids) + len(rejected_ids) == c["input"] == c["selected"] + c["rejected"]
+    assert manifest["all_rows_accounted_for"]
+    assert len(snippets) == c["snippets"] and len(candidates) == c["candidates"]
+
+    reasons = c["rejected_by_stage_and_reason"]
+    for key in ("read/malformed json", "read/missing field: response", "read/not a string: response",
+                "read/non-utf8 text", "read/malformed row", "extract/empty response", "extract/code too long",
+                "dedup/duplicate"):
+        assert reasons.get(key, 0) >= 1, key
+    assert sum(reasons.values()) == c["rejected"]
+    dup = next(r for r in rejected if r["reason"] == "duplicate")
+    assert dup["source"] == "real.jsonl" and dup["source_index"] == 20 and dup["detail"].startswith("same code as row")
+
+    # The selected instruction is the best-scoring candidate, lowest k on ties.
+    by_snippet: dict[str, list[dict]] = {}
+    for cand in candidates:
+        by_snippet.setdefault(cand["id"], []).append(cand)
+    for row in selected:
+        cands = by_snippet[row["id"]]
+        best = max(c["score"] for c in cands)
+        assert row["score"] == pytest.approx(best)
+        assert row["k"] == min(c["k"] for c in cands if c["score"] == best)
+        assert row["instruction"] == cands[row["k"]]["instruction"]
+    assert 0.0 <= manifest["ties"]["tie_rate"] <= 1.0
+    assert set(manifest["seconds"]) == {"preprocess", "inverse", "select"}
+    assert manifest["versions"]["ray"] and manifest["config"]["summarize"]["num_candidates"] == 3
+
+    # Same command again: every stage is already done, nothing is redone, outputs unchanged.
+    again = generate(cfg)
+    assert again["stages"] == manifest["stages"]
+    assert read(out / "selected", ["id"]) == selected
+
+    # A changed generation config is refused rather than mixed into the same folder...
+    with pytest.raises(ConfigError, match="different config"):
+        generate(load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out,
+                                                      **{"summarize.num_candidates": 4})))
+    # ...while a changed selection threshold only redoes the cheap select stage.
+    strict = generate(load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out,
+                                                           **{"select.min_score": 0.99})))
+    assert strict["stages"]["inverse"] == manifest["stages"]["inverse"]
+    assert strict["counts"]["rejected_by_stage_and_reason"].get("select/below min score", 0) >= 1
+    assert strict["all_rows_accounted_for"]
+
+
+def _cli(tiny_model: str, folder: Path, output: Path) -> list[str]:
+    overrides = tiny_overrides(tiny_model, folder, output, **{"compute.batch_size": 1,
+                                                              "summarize.max_new_tokens": 24})
+    args = [sys.executable, "-m", "pipeline.cli", "generate"]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("RAY_ADDRESS", None)
+
+    # Reference: an uninterrupted run.
+    full = tmp_path / "full"
+    subprocess.run(_cli(tiny_model, corpus_folder, full), env=env, check=True, capture_output=True, timeout=600)
+
+    # Kill the driver (and its whole process group, Ray with it) once some snippets are written.
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cli(tiny_model, corpus_folder, cut), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    scored = cut / "_work" / "scored"
+    while time.time() < deadline and len(list(scored.glob("*.parquet"))) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "_stages" / "inverse.json").exists()
+
+    done = subprocess.run(_cli(tiny_model, corpus_folder, cut), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((cut / "manifest.json").read_text())
+    assert manifest["resume"]["inverse_snippets_resumed"] >= 1
+    assert manifest["resume"]["inverse_snippets_scored_now"] >= 1
+    for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
+        assert read(cut / folder, keys) == read(full / folder, keys), folder

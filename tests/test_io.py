@@ -1,0 +1,97 @@
+"""Readers: every format, deterministic ids, bad rows kept as rows with reasons."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import InputConfig
+from pipeline.io import OutputDir, read_corpus, row_id
+
+GOOD = {"instruction": "Add numbers.", "response": "```python\nprint(1 + 2)\n```"}
+
+
+def bad_rows_jsonl(path):
+    """One row per kind of bad input, between good rows."""
+    lines = [
+        json.dumps(GOOD).encode(),
+        b'{"instruction": "broken", "response": ',  # malformed JSON
+        json.dumps({"instruction": "no response field"}).encode(),  # missing field
+        json.dumps({"instruction": "list response", "response": ["a", "b"]}).encode(),  # non-string
+        json.dumps({"instruction": "empty", "response": ""}).encode(),  # empty response
+        b'{"instruction": "bad bytes \xff\xfe", "response": "x = 1"}',  # non-UTF-8
+        json.dumps({"instruction": "giant", "response": "```python\n" + "x = 1\n" * 5000 + "```"}).encode(),
+        json.dumps({"instruction": "spelled output", "output": "```sql\nSELECT 1;\n```"}).encode(),
+        b"[1, 2]",  # not an object
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def rows_of(ds):
+    return sorted(ds.take_all(), key=lambda r: (r["source"], r["source_index"]))
+
+
+def test_jsonl_bad_rows_become_rows_with_reasons(ray_local, tmp_path):
+    rows = rows_of(read_corpus(InputConfig(path=str(bad_rows_jsonl(tmp_path / "bad.jsonl")))))
+    reasons = [r["reason"] for r in rows]
+    assert reasons == [None, "malformed json", "missing field: response", "not a string: response", None,
+                       "non-utf8 text", None, None, "malformed row"]
+    assert rows[1]["detail"].startswith("line 2:")
+    assert rows[7]["response"].startswith("```sql")  # `output` is the other accepted spelling
+    assert [r["source_index"] for r in rows] == list(range(9))
+    assert rows[0]["id"] == row_id("bad.jsonl", 0)
+
+
+def test_json_array_and_limit(ray_local, tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([GOOD, {**GOOD, "instruction": "second"}, {**GOOD, "instruction": "third"}]))
+    rows = rows_of(read_corpus(InputConfig(path=str(path), limit=2)))
+    assert [r["instruction"] for r in rows] == ["Add numbers.", "second"]
+
+
+def test_folder_of_parquet_files_limit_counts_in_source_order(ray_local, tmp_path):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for part in range(3):
+        table = pa.table({"instruction": [f"p{part}-{i}" for i in range(4)], "output": ["print(1)"] * 4})
+        pq.write_table(table, folder / f"part-{part}.parquet")
+    rows = rows_of(read_corpus(InputConfig(path=str(folder), limit=6)))
+    assert [r["instruction"] for r in rows] == ["p0-0", "p0-1", "p0-2", "p0-3", "p1-0", "p1-1"]
+    assert {r["source"] for r in rows} == {"part-0.parquet", "part-1.parquet"}
+
+
+def test_saved_hf_dataset(ray_local, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([GOOD, {"instruction": "x", "response": None}]).save_to_disk(tmp_path / "hf")
+    rows = rows_of(read_corpus(InputConfig(path=str(tmp_path / "hf"))))
+    assert [r["reason"] for r in rows] == [None, "not a string: response"]
+    assert rows[0]["source"] == "hf:train"
+
+
+def test_embedded_corpus_ids_are_stable(ray_local):
+    a = rows_of(read_corpus(InputConfig(limit=5)))
+    b = rows_of(read_corpus(InputConfig(limit=5)))
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert len({r["id"] for r in a}) == 5 and a[0]["source"] == "evol-codealpaca-2k.json"
+
+
+def test_missing_input_is_a_clear_error(ray_local, tmp_path):
+    with pytest.raises(FileNotFoundError, match="input.path"):
+        read_corpus(InputConfig(path=str(tmp_path / "nope.jsonl")))
+
+
+def test_output_dir_deletes_files_cut_short(tmp_path):
+    out = OutputDir(str(tmp_path / "run"))
+    folder = tmp_path / "run" / "part"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a", "b"]}), folder / "good.parquet")
+    (folder / "cut.parquet").write_bytes(b"PAR1 truncated")
+    assert out.read_ids("part") == {"a", "b"}
+    assert not (folder / "cut.parquet").exists()
+    out.write_json("_stages/x.json", {"n": 1})
+    assert out.read_json("_stages/x.json") == {"n": 1}

@@ -1,0 +1,39 @@
+"""Prompts: both formats, deterministic openings, Yes/No token ids."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from pipeline.prompts import JUDGE_ASK, PREFIXES, SUMMARIZE_ASK, PromptBuilder, pick_prefix, single_token_ids
+
+
+def test_chat_format_ends_with_the_opening(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    builder = PromptBuilder(tok, "auto")
+    assert builder.prompt_format == "chat"
+    text = tok.decode(builder.summarize("print(1)", "python", "Write a python"))
+    assert text.startswith("<|im_start|>user\n" + SUMMARIZE_ASK + "\n```python\nprint(1)\n```")
+    assert text.endswith("<|im_start|>assistant\nWrite a python")
+
+
+def test_magicoder_format_is_the_papers(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    builder = PromptBuilder(tok, "magicoder")
+    text = tok.decode(builder.judge("Add two numbers.", "def add(a, b): return a + b", "python"),
+                      skip_special_tokens=True)
+    assert "@@ Instruction\nHere is a programming problem:\nAdd two numbers.\n\n" in text
+    assert text.endswith("Is the answer correct? Your reply should begin with Yes or No.\n\n@@ Response\n")
+    assert JUDGE_ASK.split("{")[0] in text
+
+
+def test_prefix_is_deterministic_and_carries_the_language():
+    assert pick_prefix("abc", "python") == pick_prefix("abc", "python")
+    assert pick_prefix("abc", "python").endswith(" python")
+    assert pick_prefix("abc", "") in PREFIXES
+    assert len({pick_prefix(str(i), "") for i in range(200)}) == len(PREFIXES)
+
+
+def test_single_token_ids_skip_multi_token_spellings(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = single_token_ids(tok, ["Yes", "Yes", "Yesterday-ish words"])
+    assert ids == [tok.convert_tokens_to_ids("Yes")]
