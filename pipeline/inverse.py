@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import GenerateConfig
-from pipeline.engines import Engine, SamplingSpec, create_engine, yes_probability
+from pipeline.engines import Engine, EngineDead, SamplingSpec, create_engine, yes_probability
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
 
@@ -117,12 +117,16 @@ def _each_or_alone(
         return {}
     try:
         return dict(zip(items, call(items)))
+    except EngineDead:
+        raise
     except Exception:  # noqa: BLE001 - any engine failure is contained to the items that cause it
         log.warning("batch of %d failed in the engine; retrying one at a time", len(items), exc_info=True)
     results: dict[int, T] = {}
     for item in items:
         try:
             results[item] = call([item])[0]
+        except EngineDead:
+            raise
         except Exception as err:  # noqa: BLE001
             row = row_of(item)
             if out["reason"][row] is None:

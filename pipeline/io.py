@@ -247,6 +247,13 @@ class OutputDir:
         infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{name}", recursive=True))
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
+    def ensure_parquet(self, name: str, schema: pa.Schema) -> None:
+        """Give a folder that received no rows one empty file, so that readers find a table, not nothing."""
+        if not self.parquet_files(name):
+            self.fs.create_dir(f"{self.root}/{name}", recursive=True)
+            with self.fs.open_output_stream(f"{self.root}/{name}/empty.parquet") as f:
+                pq.write_table(schema.empty_table(), f)
+
     def read_json(self, name: str) -> dict[str, Any] | None:
         if not self.exists(name):
             return None

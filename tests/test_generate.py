@@ -147,3 +147,15 @@ def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
     assert manifest["resume"]["inverse_snippets_scored_now"] >= 1
     for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
         assert read(cut / folder, keys) == read(full / folder, keys), folder
+
+
+def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "rows.jsonl").write_bytes(b'{"instruction": 1}\n{not json\n{"instruction": "x", "output": "no code here."}\n')
+    out = tmp_path / "run"
+    manifest = generate(load_config(overrides=tiny_overrides(tiny_model, folder, out)))
+    assert manifest["counts"]["input"] == 3 == manifest["counts"]["rejected"]
+    assert manifest["counts"]["selected"] == manifest["counts"]["snippets"] == manifest["counts"]["candidates"] == 0
+    for name in ("snippets", "candidates", "selected", "rejected"):
+        assert pads.dataset(str(out / name)).to_table().num_rows == (3 if name == "rejected" else 0)

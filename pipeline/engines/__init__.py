@@ -27,6 +27,10 @@ class SamplingSpec:
     stop: tuple[str, ...]
 
 
+class EngineDead(RuntimeError):
+    """The engine itself is gone (not one bad prompt): the actor must fail, and Ray restarts it."""
+
+
 class Engine(Protocol):
     tokenizer: Any
     max_model_len: int

