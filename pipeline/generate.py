@@ -63,15 +63,17 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     out = OutputDir(cfg.output)
     start_ray(cfg.compute.ray_address, verbose)
     prints = fingerprint(cfg)
-    stale = _check_resume(out, prints, overwrite)
+    _forget_changed_stages(out, prints, overwrite)
     stats: dict[str, dict[str, Any]] = {}
+    rerun = False  # once a stage runs, every later one reads new inputs and runs too
     for stage, run in (("preprocess", _preprocess), ("inverse", _inverse), ("select", _select)):
         marker = out.read_json(f"_stages/{stage}.json")
-        if marker and stage not in stale:
+        if marker and not rerun:
             log.info("stage %s: already done, skipped", stage)
             stats[stage] = marker
             continue
-        stale.update(STAGES[STAGES.index(stage) + 1 :])  # what follows a redone stage is redone too
+        rerun = True
+        out.write_json(f"_stages/{stage}.started.json", {"fingerprint": prints[stage]})
         t0 = time.perf_counter()
         counts = run(cfg, out)
         stats[stage] = {"fingerprint": prints[stage], "counts": counts,
@@ -82,6 +84,28 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     result = manifest.build(cfg, stats)
     out.write_json("manifest.json", result)
     return result
+
+
+def _forget_changed_stages(out: OutputDir, prints: dict[str, str], overwrite: bool) -> None:
+    """Make stages whose recorded config differs from this one run again, from the first such stage on.
+
+    Refused for the expensive stages (their outputs would mix two configs) unless `overwrite`;
+    `select` is cheap and deterministic, so a change there is simply redone.
+    """
+    recorded = {s: (out.read_json(f"_stages/{s}.started.json") or {}).get("fingerprint") for s in STAGES}
+    changed = [s for s in STAGES if recorded[s] not in (None, prints[s])]
+    if not changed:
+        return
+    expensive = [s for s in changed if s != "select"]
+    if expensive and not overwrite:
+        raise ConfigError(
+            f"output {out.uri} holds a `{expensive[0]}` stage made with a different config; use a new "
+            f"--output, or --overwrite to redo it (and what follows) with this config"
+        )
+    for stage in STAGES[STAGES.index(changed[0]):]:
+        out.remove(f"_stages/{stage}.json")
+    if expensive:
+        out.remove("_work/scored")
 
 
 def start_ray(address: str | None, verbose: bool = False) -> None:
@@ -95,30 +119,6 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
         # A private local instance: token auth (on by default since Ray 2.60) has nothing to protect here.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
-
-
-def _check_resume(out: OutputDir, prints: dict[str, str], overwrite: bool) -> set[str]:
-    """Stages to redo because their config changed; refuses to mix configs in one folder."""
-    stale: set[str] = set()
-    for stage in STAGES:
-        marker = out.read_json(f"_stages/{stage}.json")
-        started = marker is not None or (stage == "inverse" and out.exists("_work/scored"))
-        previous = (marker or out.read_json("_stages/inverse.started.json") or {}).get("fingerprint")
-        if not started or previous in (None, prints[stage]):
-            continue
-        if stage == "select" or overwrite:
-            stale.add(stage)
-            continue
-        raise ConfigError(
-            f"output {out.uri} holds a `{stage}` stage made with a different config; use a new --output, "
-            f"or --overwrite to redo it (and what follows) with this config"
-        )
-    if overwrite and stale:
-        for stage in STAGES[min(STAGES.index(s) for s in stale):]:
-            out.remove(f"_stages/{stage}.json")
-        if "inverse" in stale or "preprocess" in stale:
-            out.remove("_work/scored")
-    return stale
 
 
 # ---------------------------------------------------------------- stage 1: preprocess
@@ -164,7 +164,6 @@ def _preprocess(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
 
 
 def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
-    out.write_json("_stages/inverse.started.json", {"fingerprint": fingerprint(cfg)["inverse"]})
     done = out.read_ids("_work/scored")
     snippets = ray.data.read_parquet(out.sub("snippets"), columns=["id", "source", "source_index", "code", "lang"])
     total = snippets.count()

