@@ -225,19 +225,17 @@ def _explain(err: ValidationError, raw: dict[str, Any]) -> str:
             hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             suffix = f" (did you mean `{hint[0]}`?)" if hint else f" (known: {', '.join(sorted(known))})"
             lines.append(f"{key}: unknown config key{suffix}")
-        else:
+        elif key:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        else:  # a cross-field check: its message names the keys
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
 def _known_keys(loc: tuple) -> list[str]:
-    cls: Any = GenerateConfig
-    for part in loc:
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-        cls = _SECTIONS.get(str(part), None)
-        if cls is None:
-            return list(hints)
-    return [f.name for f in dataclasses.fields(cls)]
+    """Keys allowed where an unknown key was found (the top level or one section)."""
+    section = _SECTIONS.get(str(loc[0])) if loc else GenerateConfig
+    return [f.name for f in dataclasses.fields(section or GenerateConfig)]
 
 
 _SECTIONS = {

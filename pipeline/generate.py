@@ -31,7 +31,7 @@ from pipeline.config import ConfigError, GenerateConfig, fingerprint
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, read_corpus
-from pipeline.select import Selector, tie_summary
+from pipeline.select import decide, tie_summary
 
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "inverse", "select")
@@ -137,7 +137,9 @@ def _extract_row(row: dict[str, Any], cfg: GenerateConfig) -> dict[str, Any]:
 
 def _preprocess(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     extracted = read_corpus(cfg.input).map(_extract_row, fn_kwargs={"cfg": cfg}).materialize()
-    keys = extracted.select_columns(["id", "source", "source_index", "code_key", "reason"]).to_pandas()
+    keys = _columns(extracted, ["id", "source", "source_index", "code_key", "reason"])
+    if keys.empty:
+        log.warning("input %s has no rows", cfg.input.path)
     duplicate_of: dict[str, str] = {}
     if cfg.extract.dedup:
         kept = keys[keys["reason"].isna()].sort_values(["source", "source_index"])
@@ -205,9 +207,7 @@ def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     scored = ray.data.read_parquet(out.sub("_work/scored"), schema=SCORED_SCHEMA)
     _write(scored.map_batches(_explode_candidates, batch_format="pyarrow"), out, "candidates", CANDIDATE_SCHEMA)
     decided = scored.map_batches(
-        Selector, fn_constructor_kwargs={"select": cfg.select, "decontaminate": cfg.decontaminate},
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.compute.max_actors)),
-        batch_format="numpy",
+        decide, fn_kwargs={"select": cfg.select, "decontaminate": cfg.decontaminate}, batch_format="numpy"
     ).materialize()
     _write(decided.filter(lambda r: r["reason"] is None).select_columns(SELECTED_COLUMNS),
            out, "selected", _schema(SELECTED_COLUMNS))

@@ -42,7 +42,7 @@ def read_corpus(cfg: InputConfig) -> ray.data.Dataset:
     """The corpus as rows of ROW_COLUMNS; `cfg.limit` keeps the first N rows in source order."""
     path = str(EMBEDDED_CORPUS_PATH) if cfg.path == EMBEDDED_CORPUS else cfg.path
     fmt = cfg.format
-    if fmt == "hf" or (fmt == "auto" and _looks_like_hub_name(path)):
+    if fmt == "hf" or (fmt == "auto" and _is_hf_dataset(path)):
         return _read_hf(path, cfg)
     fs, root = pafs.FileSystem.from_uri(_as_uri(path))
     files = _list_files(fs, root, fmt)
@@ -172,12 +172,13 @@ def _read_hf(name: str, cfg: InputConfig) -> ray.data.Dataset:
     return ds.map(lambda r: to_row({k: v for k, v in r.items() if k != "__index"}, source, r["__index"], cfg))
 
 
-def _looks_like_hub_name(path: str) -> bool:
-    if "://" in path or Path(path).exists():
-        return Path(path).is_dir() and (Path(path) / "dataset_info.json").exists() or (
-            Path(path).is_dir() and (Path(path) / "dataset_dict.json").exists()
-        )
-    return path.count("/") <= 1 and not path.startswith((".", "/"))
+def _is_hf_dataset(path: str) -> bool:
+    """A folder written by `datasets.save_to_disk`, or a name that can only mean a hub dataset."""
+    local = Path(path)
+    if local.is_dir():
+        return any((local / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    return ("://" not in path and not local.exists() and not local.suffix
+            and path.count("/") <= 1 and not path.startswith((".", "/", "~")))
 
 
 def _list_files(fs: pafs.FileSystem, root: str, fmt: str) -> list[tuple[str, str]]:

