@@ -149,9 +149,11 @@ def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, 
 
 
 def _first_surrogate(text: str) -> int | None:
-    for i, ch in enumerate(text):
-        if "\ud800" <= ch <= "\udfff":
-            return i
+    """Position of the first lone surrogate (an undecodable byte kept by surrogateescape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
     return None
 
 
