@@ -97,3 +97,19 @@ def test_over_long_prompt_is_rejected_not_fatal(vllm_engine):
                                                  "Develop a python", "Design a python", "Build a python",
                                                  "I want a python"))
     assert out[1]["reason"] == "prompt too long" and str(MAX_LEN) in out[1]["detail"]
+
+
+def test_top_k_fallback_for_older_vllm_agrees_where_tokens_are_reported(vllm_engine, judge_prompts):
+    """vLLM without `logprob_token_ids` (before 0.32): the top-20 list, absent ids = -inf."""
+    tok = vllm_engine.tokenizer
+    ids = single_token_ids(tok, ["Yes", "No", " Yes", " No"])
+    exact = vllm_engine.next_token_logprobs(judge_prompts, ids)
+    vllm_engine._has_token_ids = False
+    try:
+        fallback = vllm_engine.next_token_logprobs(judge_prompts, ids)
+    finally:
+        vllm_engine._has_token_ids = True
+    reported = np.isfinite(fallback)
+    assert reported[:, :2].all()  # plain Yes/No are always in this model's top 20 here
+    np.testing.assert_allclose(fallback[reported], exact[reported], atol=1e-4)
+    assert (exact[~reported] < fallback[reported].min()).all()  # what is missing was less likely
