@@ -75,3 +75,17 @@ def test_cli_reports_config_errors_before_any_work(capsys):
 
     assert main(["generate", "--set", "judge.yes_word=[Yes]"]) == 2
     assert "judge.yes_word: unknown config key" in capsys.readouterr().err
+
+
+def test_every_config_key_is_in_the_readme_reference():
+    import dataclasses
+
+    from pipeline.config import _SECTIONS, GenerateConfig
+
+    reference = (REPO / "README.md").read_text().split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    keys = [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+    keys += [f.name for f in dataclasses.fields(GenerateConfig) if f.name not in _SECTIONS]
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        # a row names `section.key`, or lists it after another key of its section: `section.a` / `b`
+        assert f"`{key}`" in reference or (section and f"`{section}." in reference and f"`{name}`" in reference), key
