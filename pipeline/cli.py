@@ -65,7 +65,8 @@ def _add_common(p: argparse.ArgumentParser, default_config: str | None = None) -
                    help="override any config key, e.g. --set compute.batch_size=16 (repeatable)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo stages whose config changed instead of refusing to mix configs in one folder")
-    p.add_argument("-v", "--verbose", action="store_true", help="log each stage's progress")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Ray Data progress and Ray/vLLM INFO logs (stage lines are always shown)")
 
 
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
