@@ -102,6 +102,9 @@ class JudgeConfig:
     no_words: list[str] = Field(default_factory=lambda: ["No", " No", "no", " no", "NO"])
     """Spellings that count. Each that is ONE token of the tokenizer contributes its probability
     (log-sum-exp); spellings that split into several tokens cannot be a first token and are skipped."""
+    code_first: bool = False
+    """Put the code before the candidate instruction, so that a snippet's K judge prompts share a long
+    prefix (vLLM prefix caching). False = the paper's order (instruction first)."""
 
 
 @dataclass(config=_STRICT)

@@ -44,7 +44,7 @@ class InverseInstruct:
         # `engine` lets a caller share an already loaded engine (tests, notebooks); Ray passes only cfg.
         self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
         tokenizer = self.engine.tokenizer
-        self.prompts = PromptBuilder(tokenizer, cfg.model.prompt_format)
+        self.prompts = PromptBuilder(tokenizer, cfg.model.prompt_format, cfg.judge.code_first)
         yes, no = single_token_ids(tokenizer, cfg.judge.yes_words), single_token_ids(tokenizer, cfg.judge.no_words)
         if not yes or not no:
             raise ValueError(

@@ -28,6 +28,12 @@ JUDGE_ASK = (
     "Here is the answer code to the problem:\n{code}\n"
     "Is the answer correct? Your reply should begin with Yes or No."
 )
+# The same question with the code first: the K judge prompts of a snippet then share the code as a prefix.
+JUDGE_ASK_CODE_FIRST = (
+    "Here is the answer code to a programming problem:\n{code}\n\n"
+    "Here is the problem:\n{instruction}\n"
+    "Is the answer correct? Your reply should begin with Yes or No."
+)
 # Openings of the generated instruction (official scripts); the language tag is appended when known.
 PREFIXES = ("Write a", "Create a", "Implement a", "Develop a", "Design a", "Build a", "I want a")
 
@@ -46,6 +52,7 @@ def pick_prefix(snippet_id: str, lang: str) -> str:
 class PromptBuilder:
     tokenizer: Any
     prompt_format: str  # "chat" | "magicoder" | "auto"
+    code_first: bool = False  # judge prompt order, see JudgeConfig.code_first
 
     def __post_init__(self) -> None:
         if self.prompt_format == "auto":
@@ -57,7 +64,8 @@ class PromptBuilder:
 
     def judge(self, instruction: str, code: str, lang: str) -> list[int]:
         """Prompt whose first generated token is the Yes/No verdict."""
-        return self._render(JUDGE_ASK.format(instruction=instruction, code=fenced(code, lang)), answer_start="")
+        template = JUDGE_ASK_CODE_FIRST if self.code_first else JUDGE_ASK
+        return self._render(template.format(instruction=instruction, code=fenced(code, lang)), answer_start="")
 
     def _render(self, user: str, answer_start: str) -> list[int]:
         if self.prompt_format == "magicoder":

@@ -37,3 +37,15 @@ def test_single_token_ids_skip_multi_token_spellings(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = single_token_ids(tok, ["Yes", "Yes", "Yesterday-ish words"])
     assert ids == [tok.convert_tokens_to_ids("Yes")]
+
+
+def test_code_first_judge_prompts_of_one_snippet_share_the_code_as_prefix(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    code = "def add(a, b):\n    return a + b\n" * 5
+    first = PromptBuilder(tok, "chat", code_first=True)
+    a, b = first.judge("Add two numbers.", code, "python"), first.judge("Sum a and b.", code, "python")
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert tok.decode(a[:shared]).count("return a + b") == 5  # the whole code is in the shared prefix
+    paper = PromptBuilder(tok, "chat")
+    c, d = paper.judge("Add two numbers.", code, "python"), paper.judge("Sum a and b.", code, "python")
+    assert next(i for i, (x, y) in enumerate(zip(c, d)) if x != y) < shared
