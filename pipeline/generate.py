@@ -204,7 +204,8 @@ def _explode_candidates(batch: pa.Table) -> pa.Table:
 
 
 def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
-    scored = ray.data.read_parquet(out.sub("_work/scored"), schema=SCORED_SCHEMA)
+    # Read once: candidates/ and the decisions both come from it (one row per snippet, small).
+    scored = ray.data.read_parquet(out.sub("_work/scored"), schema=SCORED_SCHEMA).materialize()
     _write(scored.map_batches(_explode_candidates, batch_format="pyarrow"), out, "candidates", CANDIDATE_SCHEMA)
     decided = scored.map_batches(
         decide, fn_kwargs={"select": cfg.select, "decontaminate": cfg.decontaminate}, batch_format="numpy"
@@ -212,12 +213,12 @@ def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     _write(decided.filter(lambda r: r["reason"] is None).select_columns(SELECTED_COLUMNS),
            out, "selected", _schema(SELECTED_COLUMNS))
     rejected = ray.data.read_parquet(out.sub("_work/rejected_preprocess")).union(
-        decided.filter(lambda r: r["reason"] is not None).select_columns(REJECTED_COLUMNS))
+        decided.filter(lambda r: r["reason"] is not None).select_columns(REJECTED_COLUMNS)).materialize()
     _write(rejected, out, "rejected", _schema(REJECTED_COLUMNS))
 
     # Counted on the driver: a few short columns, one row per input row (a shuffle would cost more).
     stats = _columns(decided, ["tied", "distinct_scores", "reason"])
-    reasons = _columns(ray.data.read_parquet(out.sub("rejected")), ["stage", "reason"])
+    reasons = _columns(rejected, ["stage", "reason"])
     by_reason = (reasons["stage"] + "/" + reasons["reason"]).value_counts().sort_index()
     return {
         "candidates": ray.data.read_parquet(out.sub("candidates"), columns=["k"]).count(),
