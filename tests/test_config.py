@@ -80,11 +80,14 @@ def test_cli_reports_config_errors_before_any_work(capsys):
 def test_every_config_key_is_in_the_readme_reference():
     import dataclasses
 
-    from pipeline.config import _SECTIONS, GenerateConfig
+    from pipeline.config import WORKFLOWS, sections
 
     reference = (REPO / "README.md").read_text().split("## Config reference", 1)[1].split("\n## ", 1)[0]
-    keys = [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
-    keys += [f.name for f in dataclasses.fields(GenerateConfig) if f.name not in _SECTIONS]
+    keys = []
+    for schema in WORKFLOWS.values():
+        parts = sections(schema)
+        keys += [f"{s}.{f.name}" for s, cls in parts.items() for f in dataclasses.fields(cls)]
+        keys += [f.name for f in dataclasses.fields(schema) if f.name not in parts]
     for key in keys:
         section, _, name = key.rpartition(".")
         # a row names `section.key`, or lists it after another key of its section: `section.a` / `b`
