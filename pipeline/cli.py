@@ -48,12 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", metavar="PATH_OR_ID", help="HF folder or hub id; 'embedded' = SmolLM2-135M-Instruct")
     gen.add_argument("--num-candidates", type=int, metavar="K", help="candidate instructions per snippet")
     gen.add_argument("--max-new-tokens", type=int, metavar="N", help="max tokens per candidate instruction")
+    gen.set_defaults(run=run_generate)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default (bundled corpus + model)",
                           description="generate on the bundled corpus with the bundled SmolLM2-135M-Instruct, "
                                       "sized for a 2-core laptop (configs/demo.yaml).")
     demo.add_argument("--output", metavar="DIR", default="outputs/demo", help="output folder (default: %(default)s)")
     _add_common(demo, default_config=str(CONFIGS / "demo.yaml"))
+    demo.set_defaults(run=run_generate)
     return parser
 
 
@@ -69,18 +71,20 @@ def _add_common(p: argparse.ArgumentParser, default_config: str | None = None) -
                    help="also show Ray Data progress and Ray/vLLM INFO logs (stage lines are always shown)")
 
 
-def config_from_args(args: argparse.Namespace) -> GenerateConfig:
+def config_from_args(args: argparse.Namespace, schema: type = GenerateConfig,
+                     flags: dict[str, str] = GENERATE_FLAGS) -> Any:
+    """YAML (--config) + --set KEY=VALUE + the subcommand's own flags -> validated config of `schema`."""
     overrides: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
         overrides[key.strip()] = yaml.safe_load(value)
-    for flag, key in GENERATE_FLAGS.items():
+    for flag, key in flags.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, schema)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    return args.run(args)
+
+
+def run_generate(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)  # every config error surfaces here, before any work starts
     except (ConfigError, OSError) as err:
