@@ -26,6 +26,14 @@ GENERATE_FLAGS = {
     "num_candidates": "summarize.num_candidates",
     "max_new_tokens": "summarize.max_new_tokens",
 }
+TRAIN_FLAGS = {
+    "generated": "data.generated",
+    "original": "data.original",
+    "model": "model.path",
+    "output": "output",
+    "num_workers": "compute.num_workers",
+    "use_gpu": "compute.use_gpu",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", metavar="DIR", default="outputs/demo", help="output folder (default: %(default)s)")
     _add_common(demo, default_config=str(CONFIGS / "demo.yaml"))
     demo.set_defaults(run=run_generate)
+
+    tr = sub.add_parser("train", help="fine-tune the base model on generated + original pairs (Ray Train)",
+                        description="Run (or resume, in the same --output) a TorchTrainer fine-tuning job; "
+                                    "the final model is a Hugging Face folder in OUTPUT/model.")
+    tr.add_argument("--generated", metavar="DIR", help="selected/ folder written by `generate`")
+    tr.add_argument("--original", metavar="PATH_OR_DATASET", help="original corpus; 'embedded' = the bundled one")
+    tr.add_argument("--model", metavar="PATH_OR_ID", help="base model; 'embedded' = SmolLM2-135M-Instruct")
+    tr.add_argument("--output", metavar="DIR", help="output folder (local or s3://...): checkpoints, model, report")
+    tr.add_argument("--num-workers", type=int, metavar="N", help="Ray Train workers (one per GPU on GPUs)")
+    tr.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None, help="train on GPUs")
+    _add_common(tr)
+    tr.set_defaults(run=run_train)
+
+    sub_ = sub.add_parser("submit", help="run a job on a Ray cluster (Ray Jobs API), streaming its logs",
+                          description="Upload this checkout (runtime_env) and run `python -m ray_jobs.JOB "
+                                      "JOB_ARGS...` on the cluster; exits 0 only if the job SUCCEEDED.")
+    sub_.add_argument("--address", metavar="URL", help="Jobs API of the head node, e.g. http://HEAD:8265 "
+                                                      "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
+    sub_.add_argument("--config", metavar="FILE.yaml", help="submit config (runtime_env); README 'Config reference'")
+    sub_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a submit config key, e.g. --set runtime_env.pip=[rich] (repeatable)")
+    sub_.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    sub_.add_argument("job", metavar="JOB", help="a module of ray_jobs/: generate, train, evaluate, loop")
+    sub_.add_argument("job_args", nargs=argparse.REMAINDER, metavar="JOB_ARGS",
+                      help="the job's own flags, e.g. --config configs/generate.yaml --output s3://...")
+    sub_.set_defaults(run=run_submit, verbose=False)
     return parser
 
 
@@ -112,6 +146,41 @@ def run_generate(args: argparse.Namespace) -> int:
         return 2
     print(summary(cfg.output, manifest, time.perf_counter() - t0))
     return 0 if manifest["all_rows_accounted_for"] else 1
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from pipeline.config import SubmitConfig
+    from pipeline.submit import submit
+
+    try:
+        cfg = config_from_args(args, SubmitConfig, {"address": "address"})
+    except (ConfigError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return submit(args.job, args.job_args, cfg, wait=not args.no_wait)
+    except (ValueError, ConnectionError, RuntimeError) as err:  # unknown job, no cluster there, refused
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pipeline.config import TrainConfig
+
+    try:
+        cfg = config_from_args(args, TrainConfig, TRAIN_FLAGS)
+    except (ConfigError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from pipeline.train.trainer import train  # heavy imports (ray.train, torch) only once the config is valid
+
+    t0 = time.perf_counter()
+    m = train(cfg, verbose=args.verbose)
+    t = m["throughput"]
+    print(f"done in {time.perf_counter() - t0:.0f}s: {m['steps']} steps over {' -> '.join(m['phases'])}; "
+          f"loss {m['loss']['first']} -> {m['loss']['last']}; tokens/s {t['tokens_per_s']}; MFU {t['mfu']}\n"
+          f"model: {m['outputs']['model']}; report: {m['outputs']['report']}")
+    return 0
 
 
 def summary(output: str, manifest: dict[str, Any], seconds: float) -> str:

@@ -57,13 +57,14 @@ class InverseInstruct:
                                  s.max_new_tokens, tuple(s.stop))
         self.seed = cfg.model.seed
         self.max_len = self.engine.max_model_len
+        self.overlap = cfg.compute.overlap
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, codes, langs = (batch.column(c).to_pylist() for c in ("id", "code", "lang"))
         out: dict[str, list] = {"instructions": [[] for _ in ids], "scores": [[] for _ in ids],
                                 "reason": [None] * len(ids), "detail": [None] * len(ids)}
 
-        # Step 2: summarize. A prompt must leave room for at least one new token.
+        # Step 2 prompts. A prompt must leave room for at least one new token.
         prefixes = [pick_prefix(i, lang) for i, lang in zip(ids, langs)]
         prompts = [self.prompts.summarize(c, lang, p) for c, lang, p in zip(codes, langs, prefixes)]
         todo = []
@@ -73,32 +74,60 @@ class InverseInstruct:
                 out["detail"][row] = f"summarize prompt is {len(prompt)} tokens, model.max_model_len={self.max_len}"
             else:
                 todo.append(row)
-        samples = _each_or_alone(lambda rows: self.engine.sample(
-            [prompts[r] for r in rows], self.spec, [self._seed(ids[r]) for r in rows]), todo, out)
-        judged = []
-        for row, texts in samples.items():
-            out["instructions"][row] = [(prefixes[row] + text).strip() for text in texts]
-            judged.append(row)
+        seeds = [self._seed(i) for i in ids]
 
-        # Step 3: judge every candidate; an over-long judge prompt leaves that candidate unscored (NaN).
-        pairs = [(r, k) for r in judged for k in range(len(out["instructions"][r]))]
-        judge_prompts = [self.prompts.judge(out["instructions"][r][k], codes[r], langs[r]) for r, k in pairs]
-        fitting = [j for j, p in enumerate(judge_prompts) if len(p) < self.max_len]
-        for r in judged:
-            out["scores"][r] = [float("nan")] * len(out["instructions"][r])
-        scored = _each_or_alone(
-            lambda js: list(yes_probability(
-                self.engine.next_token_logprobs([judge_prompts[j] for j in js], self.judge_ids), self.num_yes)),
-            fitting, out, row_of=lambda j: pairs[j][0])
-        for j, score in scored.items():
-            r, k = pairs[j]
-            out["scores"][r][k] = float(score)
-        for r in judged:
-            if out["reason"][r] is None and all(np.isnan(out["scores"][r])):
-                out["reason"][r] = "prompt too long"
-                out["detail"][r] = f"no judge prompt fits model.max_model_len={self.max_len}"
+        def judge_prompts(row: int, texts: list[str]) -> list[list[int] | None]:
+            """Step 3 prompts of one snippet's candidates; None = too long (that candidate stays unscored)."""
+            out["instructions"][row] = [(prefixes[row] + text).strip() for text in texts]
+            built = [self.prompts.judge(ins, codes[row], langs[row]) for ins in out["instructions"][row]]
+            return [p if len(p) < self.max_len else None for p in built]
+
+        fused = getattr(self.engine, "sample_and_judge", None) if self.overlap else None
+        scores = None
+        if fused is not None and todo:
+            try:  # summarize and judge of different snippets overlap inside one engine
+                scores = fused([prompts[r] for r in todo], self.spec, [seeds[r] for r in todo],
+                               lambda i, texts: judge_prompts(todo[i], texts), self.judge_ids)
+                scores = {(todo[i], k): lp for (i, k), lp in scores.items()}
+            except EngineDead:
+                raise
+            except Exception:  # noqa: BLE001 - redo the batch step by step, which isolates a bad snippet
+                log.warning("fused summarize+judge failed; redoing the batch step by step", exc_info=True)
+                scores = None
+        if scores is None:
+            scores = self._step_by_step(prompts, seeds, todo, judge_prompts, out)
+
+        for row in todo:
+            k_total = len(out["instructions"][row])
+            lps = [scores.get((row, k)) for k in range(k_total)]
+            found = [k for k in range(k_total) if lps[k] is not None]
+            row_scores = [float("nan")] * k_total
+            if found:
+                probs = yes_probability(np.stack([lps[k] for k in found]), self.num_yes)
+                for k, p in zip(found, probs):
+                    row_scores[k] = float(p)
+            out["scores"][row] = row_scores
+            if not found and out["reason"][row] is None:
+                out["reason"][row] = "prompt too long"
+                out["detail"][row] = f"no judge prompt fits model.max_model_len={self.max_len}"
         passed = {c: batch.column(c) for c in ("id", "source", "source_index", "code", "lang")}
         return pa.table({**passed, **out}, schema=SCORED_SCHEMA)
+
+    def _step_by_step(self, prompts, seeds, todo, judge_prompts, out) -> dict[tuple[int, int], np.ndarray]:
+        """Summarize the whole batch, then judge it: for engines without `sample_and_judge`, and the
+        fallback that retries failing work item by item (so one bad snippet is rejected alone)."""
+        samples = _each_or_alone(lambda rows: self.engine.sample(
+            [prompts[r] for r in rows], self.spec, [seeds[r] for r in rows]), todo, out)
+        pairs, pair_prompts = [], []
+        for row, texts in samples.items():
+            for k, prompt in enumerate(judge_prompts(row, texts)):
+                if prompt is not None:
+                    pairs.append((row, k))
+                    pair_prompts.append(prompt)
+        logprobs = _each_or_alone(
+            lambda js: list(self.engine.next_token_logprobs([pair_prompts[j] for j in js], self.judge_ids)),
+            list(range(len(pairs))), out, row_of=lambda j: pairs[j][0])
+        return {pairs[j]: lp for j, lp in logprobs.items()}
 
     def _seed(self, snippet_id: str) -> int:
         """Per-snippet sampling seed: reruns and resumed runs draw the same candidates."""

@@ -34,6 +34,10 @@ JUDGE_ASK_CODE_FIRST = (
     "Here is the problem:\n{instruction}\n"
     "Is the answer correct? Your reply should begin with Yes or No."
 )
+# Evaluation (pipeline/evaluate/), in the style of Magicoder's evaluation: the problem in a python fence, the
+# answer starting inside a python fence (HumanEval: already holding the function's signature and docstring).
+EVAL_ASK = "Write a solution to the following problem:\n```python\n{problem}\n```"
+EVAL_ANSWER_START = "```python\n"
 # Openings of the generated instruction (official scripts); the language tag is appended when known.
 PREFIXES = ("Write a", "Create a", "Implement a", "Develop a", "Design a", "Build a", "I want a")
 
@@ -66,6 +70,10 @@ class PromptBuilder:
         """Prompt whose first generated token is the Yes/No verdict."""
         template = JUDGE_ASK_CODE_FIRST if self.code_first else JUDGE_ASK
         return self._render(template.format(instruction=instruction, code=fenced(code, lang)), answer_start="")
+
+    def solve(self, problem: str, answer_start: str = EVAL_ANSWER_START) -> list[int]:
+        """Evaluation prompt: the model answers `problem`, its reply starting with `answer_start`."""
+        return self._render(EVAL_ASK.format(problem=problem.strip()), answer_start=answer_start)
 
     def _render(self, user: str, answer_start: str) -> list[int]:
         if self.prompt_format == "magicoder":

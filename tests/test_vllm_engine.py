@@ -113,3 +113,27 @@ def test_top_k_fallback_for_older_vllm_agrees_where_tokens_are_reported(vllm_eng
     assert reported[:, :2].all()  # plain Yes/No are always in this model's top 20 here
     np.testing.assert_allclose(fallback[reported], exact[reported], atol=1e-4)
     assert (exact[~reported] < fallback[reported].min()).all()  # what is missing was less likely
+
+
+def test_fused_summarize_and_judge_equals_step_by_step(vllm_engine, corpus):
+    """compute.overlap: judge requests join the engine loop while other snippets are still sampled.
+    Per-snippet seeds make the candidates identical; the scores agree to float32 noise."""
+    snippets = []
+    for i, row in enumerate(corpus[:30]):
+        found = extract_code(row["output"], GenerateConfig().extract)
+        if isinstance(found, Snippet) and len(found.code) < 600:
+            snippets.append((f"s{i}", found))
+    snippets = snippets[:5]
+    batch = pa.table({
+        "id": [i for i, _ in snippets], "source": ["t"] * len(snippets), "source_index": list(range(len(snippets))),
+        "code": [s.code for _, s in snippets], "lang": [s.lang for _, s in snippets],
+    })
+    results = {}
+    for overlap in (True, False):
+        cfg = GenerateConfig(model=model_config("vllm"), summarize=SummarizeConfig(num_candidates=3, max_new_tokens=24))
+        cfg.compute.overlap = overlap
+        results[overlap] = InverseInstruct(cfg, engine=vllm_engine)(batch).to_pylist()
+    for fused, plain in zip(results[True], results[False]):
+        assert fused["reason"] is None and plain["reason"] is None
+        assert fused["instructions"] == plain["instructions"]
+        np.testing.assert_allclose(fused["scores"], plain["scores"], atol=1e-4)

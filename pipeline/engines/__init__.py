@@ -46,6 +46,11 @@ class Engine(Protocol):
         """
         ...
 
+    # Optional (vLLM has it): both steps in one engine loop, a snippet's judge prompts entering the engine
+    # as soon as its samples are done, while other snippets are still being sampled:
+    #   sample_and_judge(prompts, spec, seeds, judge_prompts, token_ids) -> {(prompt index, k): logprobs}
+    # where judge_prompts(i, texts) returns the judge prompts of prompt i's samples (None = skip one).
+
 
 def yes_probability(logprobs: np.ndarray, num_yes: int) -> np.ndarray:
     """P(Yes) / (P(Yes) + P(No)) per row, in float32.

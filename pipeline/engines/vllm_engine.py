@@ -10,6 +10,7 @@ requested: in vLLM they disable prefix caching and allocate a [tokens x vocab] t
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,6 +44,11 @@ class VLLMEngine:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
         if cfg.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        if cfg.load_format != "auto":
+            kwargs["load_format"] = cfg.load_format
+        if cfg.speculative_ngram_tokens:
+            kwargs["speculative_config"] = {"method": "ngram", "num_speculative_tokens": cfg.speculative_ngram_tokens,
+                                            "prompt_lookup_max": 4, "prompt_lookup_min": 2}
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
@@ -50,34 +56,68 @@ class VLLMEngine:
         self._has_token_ids = _supports_logprob_token_ids(SamplingParams)
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[str]]:
-        params = [
-            self._params(
-                n=spec.n,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                repetition_penalty=spec.repetition_penalty,
-                max_tokens=min(spec.max_new_tokens, self.max_model_len - len(p)),
-                stop=list(spec.stop),
-                seed=seed,
-            )
-            for p, seed in zip(prompts, seeds)
-        ]
-        outputs = self._generate(prompts, params)
-        return [[o.text for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
+        params = [self._sample_params(p, spec, seed) for p, seed in zip(prompts, seeds)]
+        return [_texts(out) for out in self._generate(prompts, params)]
 
     def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> np.ndarray:
+        outputs = self._generate(prompts, self._judge_params(token_ids))
+        return np.stack([_first_token_logprobs(out, token_ids) for out in outputs])
+
+    def sample_and_judge(
+        self,
+        prompts: list[list[int]],
+        spec: SamplingSpec,
+        seeds: list[int],
+        judge_prompts: Callable[[int, list[str]], list[list[int] | None]],
+        token_ids: list[int],
+    ) -> dict[tuple[int, int], np.ndarray]:
+        """Both steps in ONE engine loop (the loop `LLM.generate` runs, with requests added mid-way): when
+        a snippet's K samples are done its K judge prompts join the running batch at once, so judging
+        fills the slots that finished samples free, and no batch-wide barrier sits between the steps."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        final_only = {"output_kind": RequestOutputKind.FINAL_ONLY}  # no per-token outputs to process
+        judge = self._judge_params(token_ids, **final_only)
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            engine.add_request(f"s_{i}", {"prompt_token_ids": prompt}, self._sample_params(prompt, spec, seed, **final_only))
+        logprobs: dict[tuple[int, int], np.ndarray] = {}
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if not out.finished:
+                        continue
+                    kind, *index = out.request_id.split("-")[0].split("_")  # vLLM may append "-<random>"
+                    if kind == "s":
+                        for k, jp in enumerate(judge_prompts(int(index[0]), _texts(out))):
+                            if jp is not None:
+                                engine.add_request(f"j_{index[0]}_{k}", {"prompt_token_ids": jp}, judge)
+                    else:
+                        logprobs[(int(index[0]), int(index[1]))] = _first_token_logprobs(out, token_ids)
+        except Exception as err:
+            _abort_all(engine)  # leave the engine empty for the step-by-step retry
+            if type(err).__name__ == "EngineDeadError":
+                raise EngineDead(str(err)) from err
+            raise
+        return logprobs
+
+    def _sample_params(self, prompt: list[int], spec: SamplingSpec, seed: int, **extra):
+        return self._params(
+            n=spec.n,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            repetition_penalty=spec.repetition_penalty,
+            max_tokens=min(spec.max_new_tokens, self.max_model_len - len(prompt)),
+            stop=list(spec.stop),
+            seed=seed,
+            **extra,
+        )
+
+    def _judge_params(self, token_ids: list[int], **extra):
         if self._has_token_ids:
-            params = self._params(temperature=0.0, max_tokens=1, logprobs=len(token_ids), logprob_token_ids=token_ids)
-        else:
-            params = self._params(temperature=0.0, max_tokens=1, logprobs=_FALLBACK_TOP_K)
-        outputs = self._generate(prompts, params)
-        result = np.full((len(prompts), len(token_ids)), -np.inf, dtype=np.float32)
-        for row, out in enumerate(outputs):
-            first = out.outputs[0].logprobs[0]  # {token_id: Logprob} for the first generated token
-            for col, tid in enumerate(token_ids):
-                if tid in first:
-                    result[row, col] = first[tid].logprob
-        return result
+            return self._params(temperature=0.0, max_tokens=1, logprobs=len(token_ids),
+                                logprob_token_ids=token_ids, **extra)
+        return self._params(temperature=0.0, max_tokens=1, logprobs=_FALLBACK_TOP_K, **extra)
 
     def _generate(self, prompts: list[list[int]], params):
         try:
@@ -86,6 +126,25 @@ class VLLMEngine:
             if type(err).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions, not importable in all versions
                 raise EngineDead(str(err)) from err
             raise
+
+
+def _texts(out) -> list[str]:
+    return [o.text for o in sorted(out.outputs, key=lambda o: o.index)]
+
+
+def _first_token_logprobs(out, token_ids: list[int]) -> np.ndarray:
+    """Log-probabilities of `token_ids` as the first generated token; -inf where not reported."""
+    first = out.outputs[0].logprobs[0]  # {token_id: Logprob}
+    return np.array([first[t].logprob if t in first else -np.inf for t in token_ids], dtype=np.float32)
+
+
+def _abort_all(engine) -> None:
+    try:
+        ids = list(engine.output_processor.request_states)
+        if ids:
+            engine.abort_request(ids, internal=True)
+    except Exception:  # noqa: BLE001 - best effort; a dead engine is reported by the caller
+        pass
 
 
 def _use_all_cores_on_small_cpus(max_cores: int = 4) -> None:

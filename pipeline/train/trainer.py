@@ -1,0 +1,170 @@
+"""`inverse-instruct train`: build the data passes, run the Ray Train `TorchTrainer`, write the report.
+
+Output folder (local or s3://):
+  checkpoints/   Ray Train run (`checkpoint_*` folders, the checkpoint manager's state); re-running the
+                 same command resumes from the latest checkpoint (Ray Train V2 restores a run by name)
+  model/         the final model: a plain Hugging Face folder (LoRA merged in), loadable by vLLM and transformers
+  manifest.json  config, versions, data counts (rows dropped, by reason), steps, throughput, restarts
+  report.md, loss.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is imported: the V2 API only
+
+import ray
+import ray.data
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import manifest as manifest_lib
+from pipeline.config import InputConfig, TrainConfig, to_dict
+from pipeline.io import OutputDir, read_corpus
+from pipeline.models import resolve_model_path
+from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
+from pipeline.train.loop import LoopConfig, train_loop
+from pipeline.train.report import write_report
+
+log = logging.getLogger("pipeline.train")
+RUN_NAME = "checkpoints"
+
+
+def train(cfg: TrainConfig, verbose: bool = False) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from pipeline.generate import start_ray
+
+    start_ray(cfg.compute.ray_address, verbose)
+    out = OutputDir(cfg.output)
+    model_path = resolve_model_path(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    prompt_format = resolve_prompt_format(tokenizer, cfg.model.prompt_format)
+    phases = plan_phases(cfg)
+    log.info("train: %d passes over the data: %s", len(phases), [" + ".join(p) for p in phases])
+
+    data: dict[str, ray.data.Dataset] = {}
+    counts: dict[str, dict[str, Any]] = {}
+    for name in sorted({s for p in phases for s in p}):
+        data[name], counts[name] = prepare_source(cfg, name, model_path, prompt_format)
+        log.info("train: %s: %s", name, json.dumps(counts[name], sort_keys=True))
+
+    world, micro = cfg.compute.num_workers, cfg.optim.micro_batch_size
+    accum = cfg.optim.global_batch_size // (micro * world)
+    planned = [steps_per_pass(sum(counts[s]["sequences"] for s in p), world, micro, accum) for p in phases]
+    datasets = {f"phase{i}": phase_dataset(cfg, i, [data[s] for s in p]) for i, p in enumerate(phases)}
+    use_gpu = cfg.compute.use_gpu
+    bf16 = cfg.compute.dtype == "bfloat16" or (cfg.compute.dtype == "auto" and use_gpu)
+    save_dtype = cfg.checkpoint.save_dtype if cfg.checkpoint.save_dtype != "auto" else ("bfloat16" if use_gpu else "float32")
+    loop = LoopConfig(
+        model_path=model_path, phases=[list(p) for p in phases], planned_steps=planned, accum=accum,
+        micro_batch_size=micro, pad_id=_pad_id(tokenizer), packing=cfg.data.packing, lr=cfg.optim.lr,
+        warmup_steps=cfg.optim.warmup_steps, lr_schedule=cfg.optim.lr_schedule, optimizer=cfg.optim.name,
+        weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm, max_steps=cfg.optim.max_steps,
+        checkpoint_every=cfg.checkpoint.every_steps, strategy=cfg.compute.strategy, bf16=bf16,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code, lora=to_dict(cfg.lora) if cfg.lora.enabled else None,
+        peak_flops=cfg.compute.peak_flops, model_output=out.sub("model"), save_dtype=save_dtype, seed=cfg.data.seed)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=asdict(loop),
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.compute.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=out.uri,
+                             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    state = _read_state(result.checkpoint)
+    manifest = build_manifest(cfg, model_path, prompt_format, phases, planned, counts, state, out)
+    out.write_json("manifest.json", manifest)
+    write_report(out, manifest, state["history"])
+    return manifest
+
+
+def plan_phases(cfg: TrainConfig) -> list[tuple[str, ...]]:
+    """The mix schedule, without the generated source when none is given."""
+    have = {"original"} | ({"generated"} if cfg.data.generated else set())
+    phases = mix_schedule(cfg.data.schedule, cfg.data.generated_epochs, cfg.data.original_epochs)
+    return [kept for p in phases if (kept := tuple(s for s in p if s in have))]
+
+
+def source_input(cfg: TrainConfig, name: str) -> InputConfig:
+    if name == "generated":  # `selected/` of generate: Parquet with instruction/response columns
+        return InputConfig(path=str(cfg.data.generated), response_fields=["response"], limit=cfg.data.limit)
+    return InputConfig(path=cfg.data.original, limit=cfg.data.limit)
+
+
+def prepare_source(cfg: TrainConfig, name: str, model_path: str,
+                   prompt_format: str) -> tuple[ray.data.Dataset, dict[str, Any]]:
+    """Read -> tokenize -> pack, in Ray Data, materialized once and reused by every pass over it."""
+    tokenized = read_corpus(source_input(cfg, name)).map_batches(
+        tokenize_batch, batch_format="pyarrow", batch_size=256,
+        fn_kwargs={"model_path": model_path, "prompt_format": prompt_format, "max_length": cfg.data.max_length,
+                   "trust_remote_code": cfg.model.trust_remote_code}).materialize()
+    statuses = {r["status"]: r["count()"] for r in tokenized.groupby("status").count().take_all()}
+    packed = tokenized.map_batches(pack_batch, batch_format="pyarrow", batch_size=1024,
+                                   fn_kwargs={"max_length": cfg.data.max_length, "packing": cfg.data.packing}
+                                   ).materialize()
+    rows = sum(statuses.values())
+    kept = sum(n for s, n in statuses.items() if s in KEPT)
+    tokens = tokenized.sum("n_tokens") if rows else 0
+    return packed, {"rows": rows, "examples": kept, "dropped": rows - kept, "by_status": statuses,
+                    "tokens": int(tokens or 0), "sequences": packed.count()}
+
+
+def phase_dataset(cfg: TrainConfig, index: int, parts: list[ray.data.Dataset]) -> ray.data.Dataset:
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    # A seed per pass: every epoch sees its own order, and a resumed run sees the same one.
+    return ds.random_shuffle(seed=cfg.data.seed + index) if cfg.data.shuffle else ds
+
+
+def steps_per_pass(sequences: int, world: int, micro: int, accum: int) -> int:
+    """Optimizer steps of one pass: Ray Train splits a dataset into equal shards (the remainder is dropped)."""
+    return math.ceil(math.ceil((sequences // world) / micro) / accum)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def _read_state(checkpoint: Any) -> dict[str, Any]:
+    if checkpoint is None:
+        raise RuntimeError("the training run reported no checkpoint")
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / "state.json").read_text())
+
+
+def build_manifest(cfg: TrainConfig, model_path: str, prompt_format: str, phases: list[tuple[str, ...]],
+                   planned: list[int], counts: dict[str, Any], state: dict[str, Any], out: OutputDir) -> dict[str, Any]:
+    history = state["history"]
+    seconds = state["seconds"]
+    return {
+        "config": to_dict(cfg),
+        "versions": manifest_lib.versions(),
+        "model": model_path,
+        "prompt_format": prompt_format,
+        "phases": [" + ".join(p) for p in phases],
+        "planned_steps": planned,
+        "steps": state["step"],
+        "steps_per_phase": [sum(1 for h in history if h["phase"] == i) for i in range(len(phases))],
+        "data": counts,
+        "throughput": {"tokens": state["tokens"], "label_tokens": state["label_tokens"],
+                       "train_seconds": round(seconds, 2),
+                       "tokens_per_s": round(state["tokens"] / seconds, 1) if seconds else None,
+                       "mfu": history[-1]["mfu"] if history else None},
+        "loss": {"first": history[0]["loss"] if history else None, "last": history[-1]["loss"] if history else None},
+        "sessions": state["sessions"],
+        "resumed_from_step": [s["start_step"] for s in state["sessions"][1:]],
+        "outputs": {"model": out.sub("model"), "checkpoints": out.sub(RUN_NAME), "report": out.sub("report.md")},
+    }
