@@ -1,0 +1,119 @@
+"""Our fused actor (pipeline/inverse.py) through Ray Data, on the same snippets as seed_replay.
+
+    python -m benchmarks.factory --model embedded|qwen2-1.5b|llama-6.7b --snippets N
+        [--batch-size B] [--no-overlap] [--code-first] [--ngram-spec T] [--label NAME]
+
+One actor, one vLLM engine: K samples per snippet as ONE n=K request, each snippet's K judge requests
+(1 new token, exact Yes/No log-probabilities) entering the same engine as soon as its samples are done
+(`compute.overlap`). Steady state = from the first batch's start to the last batch's end inside the
+actor; the engine start is timed apart. For random-weight models the summaries are forced to the same
+per-snippet lengths seed_replay uses (benchmarks/common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from benchmarks.common import (K, SUMMARY_TOKENS_CAP, GpuMemory, build_model, emit, forced_length, load_snippets,
+                               read_lengths)
+from pipeline.inverse import InverseInstruct
+
+
+class TimedInverseInstruct(InverseInstruct):
+    """The production actor plus timestamps; for random weights, summaries forced to a per-snippet length."""
+
+    def __init__(self, cfg, forced: dict[str, int] | None = None) -> None:
+        t0 = time.time()
+        super().__init__(cfg)
+        self.init = (t0, time.time())
+        if forced:
+            self._force_lengths(forced)
+
+    def _force_lengths(self, forced: dict[str, int]) -> None:
+        by_seed = {self._seed(sid): n for sid, n in forced.items()}
+        engine = self.engine
+
+        def params(prompt, spec, seed, **extra):
+            n = by_seed[seed]
+            return engine._params(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
+                                  repetition_penalty=spec.repetition_penalty, max_tokens=n, min_tokens=n,
+                                  ignore_eos=True, seed=seed, **extra)
+
+        engine._sample_params = params
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.time()
+        out = super().__call__(batch)
+        n = out.num_rows
+        return (out.append_column("t0", pa.array([t0] * n)).append_column("t1", pa.array([time.time()] * n))
+                .append_column("init0", pa.array([self.init[0]] * n)).append_column("init1", pa.array([self.init[1]] * n)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--snippets", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=0, help="snippets per actor call (0 = half of --snippets)")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--no-overlap", action="store_true", help="summarize the whole batch, then judge it")
+    ap.add_argument("--code-first", action="store_true", help="judge prompt with the code first")
+    ap.add_argument("--ngram-spec", type=int, default=0, help="prompt-lookup speculative tokens (0 = off)")
+    ap.add_argument("--label", default="factory")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/ii-bench"))
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from pipeline.config import ComputeConfig, GenerateConfig, JudgeConfig, ModelConfig, SummarizeConfig
+
+    model = build_model(args.model, args.workdir)
+    snippets = load_snippets(args.snippets)
+    lengths = read_lengths(args.workdir)
+    forced = None if model.real else {s["id"]: forced_length(s["id"], lengths["summary"]) for s in snippets}
+    on_gpu = torch.cuda.is_available()
+    cfg = GenerateConfig(
+        model=ModelConfig(path=model.path, dtype="bfloat16" if on_gpu else "float32", max_model_len=args.max_model_len,
+                          load_format=model.load_format, speculative_ngram_tokens=args.ngram_spec or None),
+        summarize=SummarizeConfig(num_candidates=K, max_new_tokens=SUMMARY_TOKENS_CAP),
+        judge=JudgeConfig(code_first=args.code_first),
+        compute=ComputeConfig(batch_size=args.batch_size or max(1, len(snippets) // 2), overlap=not args.no_overlap,
+                              num_gpus_per_actor=1.0 if on_gpu else 0.0),
+    )
+    ray.init(num_cpus=4 if on_gpu else 2, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    memory = GpuMemory()
+    t_all = time.time()
+    ds = ray.data.from_arrow(pa.Table.from_pylist(snippets)).repartition(
+        target_num_rows_per_block=cfg.compute.batch_size)
+    out = ds.map_batches(
+        TimedInverseInstruct, fn_constructor_kwargs={"cfg": cfg, "forced": forced}, batch_size=cfg.compute.batch_size,
+        batch_format="pyarrow", num_gpus=cfg.compute.num_gpus_per_actor, num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    ).to_arrow_refs()
+    table = pa.concat_tables(ray.get(out))
+    wall = time.time() - t_all
+    rows = table.to_pylist()
+    steady = max(r["t1"] for r in rows) - min(r["t0"] for r in rows)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(model.path)
+    out_tokens = (sum(forced.values()) * K if forced else
+                  sum(len(tok(t, add_special_tokens=False)["input_ids"]) for r in rows for t in r["instructions"]))
+    failed = sum(1 for r in rows if r["reason"])
+    emit({
+        "variant": args.label, "model": model.name, "params": model.params, "real_weights": model.real,
+        "snippets": len(rows), "failed_snippets": failed, "batch_size": cfg.compute.batch_size,
+        "overlap": cfg.compute.overlap, "code_first": args.code_first, "ngram_spec": args.ngram_spec,
+        "engine_start_s": round(rows[0]["init1"] - rows[0]["init0"], 1), "steady_s": round(steady, 1),
+        "wall_s": round(wall, 1), "snippets_per_s": round(len(rows) / steady, 3),
+        "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / steady, 1),
+        "peak_gpu_memory_gib": memory.stop(),
+    })
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""What a Ray user would write instead of the factory: two `ray.data.llm` processors.
+
+    python -m benchmarks.ray_data_llm --model embedded|qwen2-1.5b|llama-6.7b --snippets N
+
+`build_processor(vLLMEngineProcessorConfig(...))` once for summarize (K rows per snippet, n=1 each, the
+official sampling settings) and once for the judge (paper order, greedy, 5 tokens, top-5 logprobs), each
+with its own engine, run one after the other (both would not fit one GPU at 0.9 memory each). Prompts
+are our token ids (`tokenized_prompt`), so the text the engine sees is the same as in the other variants.
+Ray Data does not expose the engine start, so each stage's steady rate is taken between its first and
+its last finished row (stamped in `postprocess`), and start = first row - stage start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from benchmarks.common import (JUDGE_MAX_TOKENS, JUDGE_TOP_LOGPROBS, K, SUMMARY_TOKENS_CAP, GpuMemory, build_model,
+                               engine_defaults,
+                               emit, forced_length, load_snippets, read_lengths)
+
+
+def run_stage(ds, model, max_model_len: int, batch_size: int):
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model.path,
+        engine_kwargs={"max_model_len": max_model_len, "load_format": model.load_format,
+                       "enable_prefix_caching": True, **engine_defaults()},
+        concurrency=1, batch_size=batch_size,
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=True,
+    )
+    processor = build_processor(
+        config,
+        preprocess=lambda row: {"tokenized_prompt": row["prompt"], "sampling_params": row["sampling_params"],
+                                "key": row["key"]},
+        postprocess=lambda row: {"key": row["key"], "text": row.get("generated_text", ""),
+                                 "n_out": row.get("num_generated_tokens", 0), "t": time.time()},
+    )
+    t0 = time.time()
+    rows = processor(ds).take_all()
+    first, last = min(r["t"] for r in rows), max(r["t"] for r in rows)
+    return rows, first - t0, last - first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--snippets", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=256, help="rows per engine batch (vLLMEngineProcessorConfig)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/ii-bench"))
+    args = ap.parse_args()
+
+    import ray
+    from transformers import AutoTokenizer
+
+    from pipeline.prompts import PromptBuilder, pick_prefix
+
+    model = build_model(args.model, args.workdir)
+    snippets = load_snippets(args.snippets)
+    lengths = read_lengths(args.workdir)
+    tok = AutoTokenizer.from_pretrained(model.path)
+    builder = PromptBuilder(tok, "auto")
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    memory = GpuMemory()
+
+    rows = []
+    for i, s in enumerate(snippets):
+        prompt = builder.summarize(s["code"], s["lang"], pick_prefix(s["id"], s["lang"]))
+        for k in range(K):
+            sp = {"n": 1, "temperature": 0.8, "top_p": 1.0, "repetition_penalty": 1.1, "seed": i * K + k}
+            if model.real:
+                sp.update(max_tokens=SUMMARY_TOKENS_CAP, stop=["```"])
+            else:
+                n = forced_length(s["id"], lengths["summary"])
+                sp.update(max_tokens=n, min_tokens=n, ignore_eos=True)
+            rows.append({"key": i * K + k, "prompt": prompt, "sampling_params": sp})
+    summaries, start1, steady1 = run_stage(ray.data.from_items(rows), model, args.max_model_len, args.batch_size)
+
+    j_len = JUDGE_MAX_TOKENS if model.real else max(1, int(sorted(lengths["judge"])[len(lengths["judge"]) // 2]))
+    jsp = {"temperature": 0.0, "max_tokens": j_len, "logprobs": JUDGE_TOP_LOGPROBS}
+    if not model.real:
+        jsp.update(min_tokens=j_len, ignore_eos=True)
+    judge_rows = []
+    for r in summaries:
+        s = snippets[r["key"] // K]
+        instruction = (pick_prefix(s["id"], s["lang"]) + r["text"]).strip()
+        judge_rows.append({"key": r["key"], "prompt": builder.judge(instruction, s["code"], s["lang"]),
+                           "sampling_params": jsp})
+    _, start2, steady2 = run_stage(ray.data.from_items(judge_rows), model, args.max_model_len, args.batch_size)
+    out_tokens = sum(r["n_out"] for r in summaries)
+    emit({
+        "variant": "ray_data_llm", "model": model.name, "params": model.params, "real_weights": model.real,
+        "snippets": len(snippets), "engine_start_s": round(start1 + start2, 1), "summarize_s": round(steady1, 1),
+        "judge_s": round(steady2, 1), "steady_s": round(steady1 + steady2, 1),
+        "snippets_per_s": round(len(snippets) / (steady1 + steady2), 3),
+        "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / steady1, 1),
+        "peak_gpu_memory_gib": memory.stop(),
+    })
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""All GPU benchmarks of issue 4 in one command per part, within a time budget, results kept as they come.
+
+    python -m benchmarks.run_gpu --part embedded|1.5b|6.7b|all [--budget-s 560] [--out DIR] [--scale 1.0]
+
+Each step is its own process (a clean GPU between variants; vLLM engines do not always give all memory
+back in-process), with a timeout from what is left of the budget, so a slow step costs only itself.
+Every RESULT line is appended to OUT/results.jsonl at once; at the end the table of everything in that
+file is printed (so the last part prints all parts). The embedded part must run first: it measures the
+real summary lengths (lengths.json) that the random-weight models are forced to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import device_name, table, versions
+
+# (part, module, args, rough seconds it needs on an H100: skipped when less is left)
+PLAN = [
+    ("embedded", "seed_replay", ["--model", "embedded", "--snippets", "512"], 100),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "512"], 70),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "512", "--code-first", "--label",
+                             "factory_code_first"], 60),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "512", "--no-overlap", "--label",
+                             "factory_no_overlap"], 60),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "512", "--ngram-spec", "4", "--label",
+                             "factory_ngram_spec"], 60),
+    ("embedded", "engines", ["--snippets", "16"], 90),
+    ("1.5b", "seed_replay", ["--model", "qwen2-1.5b", "--snippets", "512"], 140),
+    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "512"], 90),
+    ("1.5b", "ray_data_llm", ["--model", "qwen2-1.5b", "--snippets", "512"], 200),
+    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "512", "--code-first", "--label",
+                         "factory_code_first"], 80),
+    ("6.7b", "seed_replay", ["--model", "llama-6.7b", "--snippets", "256"], 280),
+    ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "256"], 130),
+    ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "256", "--code-first", "--label",
+                         "factory_code_first"], 90),
+]
+
+COLUMNS = ["model", "variant", "snippets", "engine_start_s", "steady_s", "snippets_per_s", "speedup",
+           "output_tokens_per_s", "judge_paper_order_mfu", "judge_code_first_mfu", "judge_order_spearman",
+           "peak_gpu_memory_gib"]
+
+
+def scaled(args: list[str], scale: float) -> list[str]:
+    out = list(args)
+    if "--snippets" in out:
+        i = out.index("--snippets") + 1
+        out[i] = str(max(2, int(int(out[i]) * scale)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", default="all")
+    ap.add_argument("--budget-s", type=float, default=560)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmark-out")))
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every --snippets (CPU smoke runs: 0.01)")
+    ap.add_argument("--only", default="", help="comma-separated variant labels/modules to run (default: all)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "logs").mkdir(exist_ok=True)
+    deadline = time.time() + args.budget_s
+    results = args.out / "results.jsonl"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+
+    for n, (part, module, step_args, need_s) in enumerate(PLAN):
+        label = step_args[step_args.index("--label") + 1] if "--label" in step_args else module
+        if args.part not in ("all", part) or (args.only and label not in args.only.split(",")):
+            continue
+        left = deadline - time.time()
+        if left < need_s * 0.6:
+            print(f"SKIP {part} {label}: {left:.0f}s left, needs ~{need_s}s", flush=True)
+            continue
+        cmd = [sys.executable, "-m", f"benchmarks.{module}", *scaled(step_args, args.scale)]
+        print(f"RUN  {part} {label}: {' '.join(cmd[1:])} (timeout {left:.0f}s)", flush=True)
+        log_path = args.out / "logs" / f"{n:02d}-{part}-{label}.log"
+        t0 = time.time()
+        with open(log_path, "w") as log:
+            try:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, timeout=left,
+                                      start_new_session=True)
+                stdout, rc = proc.stdout, proc.returncode
+            except subprocess.TimeoutExpired as err:
+                stdout, rc = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or ""), -9
+            log.write(stdout)
+        found = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+        with open(results, "a") as f:
+            for r in found:
+                r.update(part=part, device=device_name(), date=time.strftime("%Y-%m-%d"), step_wall_s=round(time.time() - t0, 1))
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+        status = "ok" if rc == 0 and found else f"FAILED rc={rc} (see {log_path})"
+        print(f"DONE {part} {label}: {status} in {time.time() - t0:.0f}s", flush=True)
+        if rc != 0:
+            print("".join(open(log_path).readlines()[-15:]), flush=True)
+
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    baseline = {r["model"]: r["snippets_per_s"] for r in rows if r["variant"] == "seed_replay"}
+    for r in rows:
+        if r["model"] in baseline and r["variant"] != "seed_replay" and not r["variant"].startswith("engine_"):
+            r["speedup"] = round(r["snippets_per_s"] / baseline[r["model"]], 2)
+    print(json.dumps({"device": device_name(), "versions": versions(), "rows": len(rows)}))
+    if rows:
+        print(table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Pack what the GPU machine needs besides ../shared/gpu's wheels: the embedded model (bf16) and pytest.
+
+    .venv/bin/python scripts/pack_gpu_extras.py [--part-mb 55]
+
+Writes .gpuwheels/m01, m02, ... (ignored by git, like the wheel folders): the model's small files, its
+bf16 safetensors split in parts, and the pytest wheels. Carry each folder with one device `run`, then
+on the machine: `bash /tmp/gw/m01/unpack.sh` (puts the model where pipeline.models looks for it under
+INVERSE_INSTRUCT_HOME=/tmp/iihome, installs pytest into /tmp/site).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+UNPACK = r"""#!/bin/bash
+# Reassemble the embedded model and install pytest (run on the GPU machine after carrying every mNN).
+set -euo pipefail
+GW=${1:-/tmp/gw}
+DEST=/tmp/iihome/models/SmolLM2-135M-Instruct
+mkdir -p "$DEST"
+cp "$GW"/m01/model/* "$DEST"/
+cat "$GW"/m*/part.* > "$DEST/model.safetensors"
+(cd "$DEST" && sha256sum -c "$GW/m01/model.sha256")
+pip install --no-index --no-deps --target /tmp/site "$GW"/m01/wheels/*.whl -q 2>&1 | tail -2 || true
+echo "model in $DEST; pytest in /tmp/site"
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--part-mb", type=int, default=55)
+    args = ap.parse_args()
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.models import embedded_model_dir
+
+    src = embedded_model_dir()
+    root = Path(".gpuwheels")
+    for old in root.glob("m[0-9][0-9]"):
+        shutil.rmtree(old)
+    first = root / "m01"
+    (first / "model").mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, first / "model" / f.name)
+    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(src / "model.safetensors").items()}
+    blob = root / "model.bf16.safetensors"
+    save_file(weights, blob, metadata={"format": "pt"})
+    digest = subprocess.run(["sha256sum", str(blob)], capture_output=True, text=True, check=True).stdout.split()[0]
+    (first / "model.sha256").write_text(f"{digest}  model.safetensors\n")
+    data, size = blob.read_bytes(), args.part_mb * 2**20
+    for i in range(0, len(data), size):
+        folder = root / f"m{i // size + 1:02d}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"part.{i // size:03d}").write_bytes(data[i:i + size])
+    blob.unlink()
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d",
+                    str(first / "wheels"), "pytest", "pluggy", "iniconfig"], check=True)
+    (first / "unpack.sh").write_text(UNPACK)
+    for folder in sorted(root.glob("m[0-9][0-9]")):
+        mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+        print(f"{folder}  {mb:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
