@@ -107,7 +107,7 @@ def solution(problem: Problem | dict, completion: str) -> str:
         later = first_fenced_block(text[closing.end():]) if closing else None
         code = later.code if later is not None else code
     if not prompt:
-        return code.strip("\n") + "\n"
+        return code.strip("\n") + "\n" if code.strip() else ""
     if code.lstrip().startswith(prompt.strip()):
         return code.rstrip() + "\n"
     if defines(code, p["entry_point"]):

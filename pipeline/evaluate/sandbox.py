@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,7 @@ def run_program(program: str, cfg: SandboxConfig) -> Outcome:
         (work / "program.py").write_text(program, encoding="utf-8")
         settings = {"status_fd": write_end, "isolation": cfg.isolation,
                     "memory_bytes": cfg.memory_mb * 2**20, "cpu_seconds": max(1, math.ceil(cfg.timeout_s)),
-                    "file_bytes": cfg.max_file_mb * 2**20}
+                    "file_bytes": cfg.max_file_mb * 2**20, "site_packages": site.getsitepackages()}
         env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with open(work / "stderr", "wb") as stderr:
@@ -136,7 +137,8 @@ def _classify(status: dict[str, str], returncode: int, timed_out: bool, stderr: 
     elif "MemoryError" in stderr or "Cannot allocate memory" in stderr or "bad_alloc" in stderr:
         reason, detail = "memory", stderr[-500:]  # died allocating, before it could report
     elif returncode < 0:
-        reason, detail = "crash", f"killed by signal {signal.Signals(-returncode).name}; {stderr[-300:]}"
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        reason, detail = "crash", f"killed by signal {name}; {stderr[-300:]}"
     else:
         # os._exit() from the program, or a crash of the interpreter: the tests did not run to the end.
         reason, detail = "exit", f"exit code {returncode} before the tests finished; {stderr[-300:]}"

@@ -14,6 +14,7 @@ finished. A process that dies or is killed before the second line is classified 
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import json
 import os
@@ -52,12 +53,11 @@ def _audit_guard(event: str, args: tuple) -> None:
 
 
 def main() -> None:
-    # Started with -S (no .pth processing: a third of the start-up time); site-packages stay importable
-    # (a solution may use numpy), but our own editable install is not.
-    import site
-
-    sys.path.extend(p for p in site.getsitepackages() if p not in sys.path)
     settings = json.loads(sys.argv[1])
+    # Started with -S (no .pth processing: a third of the start-up time); the parent's site-packages stay
+    # importable (a solution may use numpy), our own editable install (a .pth) does not.
+    sys.path.extend(p for p in settings["site_packages"] if p not in sys.path)
+    builtins.exit = builtins.quit = sys.exit  # normally added by site
     status = settings["status_fd"]
     os.set_inheritable(status, False)  # the program's own subprocesses must not see it
 

@@ -1,0 +1,188 @@
+"""`evaluate`: greedy pass@1 of a model on HumanEval or MBPP, as one Ray Data job.
+
+  problems (driver) -> Completer actors (one engine each; greedy, temperature 0) -> completion per problem
+                    -> execute tasks (CPU; one sandboxed process per program)    -> passed / reason
+                    -> driver: samples.jsonl, results.jsonl, summary.json
+
+The two stages stream: programs run while later batches are still being generated. The output is small
+(one row per problem), so the driver collects it and writes the three files through pipeline/io.py's
+OutputDir (local or s3://).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+
+from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
+from pipeline.engines import Engine, EngineDead, SamplingSpec, create_engine
+from pipeline.evaluate import benchmarks
+from pipeline.evaluate.sandbox import Outcome, run_program
+from pipeline.io import OutputDir
+from pipeline.manifest import versions
+from pipeline.models import resolve_model_path
+from pipeline.prompts import PromptBuilder
+
+log = logging.getLogger(__name__)
+FILES = ("samples.jsonl", "results.jsonl", "summary.json")
+_KEPT = ("index", "task_id", "completion", "generation_s", "engine_load_s", "prompt_format")
+RESULT_SCHEMA = pa.schema([
+    ("index", pa.int64()), ("task_id", pa.string()), ("completion", pa.string()), ("generation_s", pa.float64()),
+    ("engine_load_s", pa.float64()), ("prompt_format", pa.string()), ("solution", pa.string()),
+    ("passed", pa.bool_()), ("reason", pa.string()), ("detail", pa.string()), ("seconds", pa.float64()),
+    ("isolation", pa.string()),
+])
+
+
+class Completer:
+    """Callable class for `map_batches`: problems in, one greedy completion per problem out."""
+
+    def __init__(self, cfg: EvaluateConfig, engine: Engine | None = None) -> None:
+        t0 = time.perf_counter()
+        self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
+        self.load_s: float | None = time.perf_counter() - t0  # reported once, with this actor's first batch
+        self.prompts = PromptBuilder(self.engine.tokenizer, cfg.model.prompt_format)
+        self.spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
+                                 max_new_tokens=cfg.generation.max_new_tokens, stop=())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        rows = batch.to_pylist()
+        n = len(rows)
+        completions, errors = [""] * n, [None] * n
+        prompts = [self.prompts.solve(r["problem"], r["answer_start"]) for r in rows]
+        todo = []
+        for i, prompt in enumerate(prompts):
+            if len(prompt) >= self.engine.max_model_len:
+                errors[i] = f"prompt too long: {len(prompt)} tokens, model.max_model_len={self.engine.max_model_len}"
+            else:
+                todo.append(i)
+        for i, text in self._complete(prompts, todo, errors).items():
+            completions[i] = text
+        per_row = (time.perf_counter() - t0) / max(1, n)
+        load = [None] * n
+        if self.load_s is not None and n:
+            load[0], self.load_s = self.load_s, None
+        added = {"completion": (completions, pa.string()), "generation_error": (errors, pa.string()),
+                 "generation_s": ([per_row] * n, pa.float64()), "engine_load_s": (load, pa.float64()),
+                 "prompt_format": ([self.prompts.prompt_format] * n, pa.string())}
+        for name, (values, type_) in added.items():
+            batch = batch.append_column(name, pa.array(values, type_))
+        return batch
+
+    def _complete(self, prompts: list[list[int]], todo: list[int], errors: list[str | None]) -> dict[int, str]:
+        """All at once; if the engine raises, each alone, so one bad prompt fails only its problem."""
+        if not todo:
+            return {}
+        try:
+            texts = self.engine.sample([prompts[i] for i in todo], self.spec, [0] * len(todo))
+            return {i: t[0] for i, t in zip(todo, texts)}
+        except EngineDead:
+            raise  # the actor must die and be restarted by Ray
+        except Exception:  # noqa: BLE001
+            log.warning("batch of %d failed in the engine; retrying one at a time", len(todo), exc_info=True)
+        done = {}
+        for i in todo:
+            try:
+                done[i] = self.engine.sample([prompts[i]], self.spec, [0])[0][0]
+            except EngineDead:
+                raise
+            except Exception as err:  # noqa: BLE001
+                errors[i] = f"engine error: {type(err).__name__}: {err}"[:500]
+        return done
+
+
+def execute(batch: pa.Table, sandbox: SandboxConfig) -> pa.Table:
+    """Ray task: build each problem's program and run it in the sandbox, one after the other."""
+    rows = []
+    for row in batch.to_pylist():
+        code = benchmarks.solution(row, row["completion"])
+        if row["generation_error"]:  # nothing was generated: nothing to run
+            reason, _, detail = row["generation_error"].partition(": ")
+            outcome = Outcome(False, reason, detail, 0.0, "none")
+        else:
+            outcome = run_program(benchmarks.program(row, code), sandbox)
+        rows.append({**{k: row[k] for k in _KEPT}, "solution": code, **asdict(outcome)})
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Run the job; returns the summary that it also writes to `output/summary.json`."""
+    from pipeline.generate import start_ray  # the same Ray start-up as generate (auth, logging, address)
+
+    out = OutputDir(cfg.output)
+    if out.exists("summary.json") and not overwrite:
+        raise ConfigError(f"output {out.uri} already holds an evaluation (summary.json); use a new --output "
+                          f"or --overwrite")
+    problems = benchmarks.load_problems(cfg.benchmark.name, cfg.benchmark.limit)
+    start_ray(cfg.compute.ray_address, verbose)
+    started_at = datetime.now(timezone.utc).isoformat()
+    t0 = time.perf_counter()
+    c = cfg.compute
+    items = [{"index": i, **p.to_row()} for i, p in enumerate(problems)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // c.batch_size)))
+    results = ds.map_batches(
+        Completer, fn_constructor_kwargs={"cfg": cfg}, batch_size=c.batch_size,
+        compute=ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
+        num_gpus=c.num_gpus_per_actor, num_cpus=c.num_cpus_per_actor, batch_format="pyarrow",
+    ).map_batches(
+        execute, fn_kwargs={"sandbox": cfg.sandbox}, batch_size=c.batch_size, num_cpus=1, batch_format="pyarrow",
+    ).take_all()
+    wall = time.perf_counter() - t0
+    rows = sorted(results, key=lambda r: r["index"])
+    if [r["task_id"] for r in rows] != [p.task_id for p in problems]:  # every problem exactly once
+        raise RuntimeError(f"evaluate: {len(rows)} results for {len(problems)} problems")
+
+    _write_jsonl(out, "samples.jsonl", [{"task_id": r["task_id"], "solution": r["solution"]} for r in rows])
+    _write_jsonl(out, "results.jsonl", [
+        {k: r[k] for k in ("task_id", "passed", "reason", "detail", "seconds", "isolation", "completion",
+                           "generation_s")} for r in rows])
+    result = summarize(cfg, rows, wall, started_at)
+    out.write_json("summary.json", result)
+    return result
+
+
+def summarize(cfg: EvaluateConfig, rows: list[dict[str, Any]], wall: float, started_at: str) -> dict[str, Any]:
+    passed = sum(r["passed"] for r in rows)
+    formats = sorted({r["prompt_format"] for r in rows})
+    return {
+        "job": "evaluate",
+        "benchmark": cfg.benchmark.name,
+        "benchmark_source": benchmarks.SOURCES[cfg.benchmark.name],
+        "model": cfg.model.path,
+        "engine": cfg.model.engine,
+        "prompt_format": formats[0] if len(formats) == 1 else formats,
+        "decoding": {"greedy": True, "temperature": 0.0, "max_new_tokens": cfg.generation.max_new_tokens},
+        "pass@1": passed / len(rows) if rows else None,
+        "counts": {"problems": len(rows), "passed": passed, "failed": len(rows) - passed,
+                   "by_reason": dict(sorted(Counter(r["reason"] for r in rows).items()))},
+        # Which isolation the sandbox achieved (namespace | audit); "none" = nothing was run.
+        "sandbox_isolation": sorted({r["isolation"] for r in rows}),
+        "seconds": {
+            "wall": round(wall, 2),
+            "engine_load": round(sum(r["engine_load_s"] or 0.0 for r in rows), 2),
+            "generation": round(sum(r["generation_s"] for r in rows), 2),
+            "execution": round(sum(r["seconds"] for r in rows), 2),
+        },
+        "started_at": started_at,
+        "config": to_dict(cfg),
+        "versions": versions(),
+        "files": list(FILES),
+    }
+
+
+def _write_jsonl(out: OutputDir, name: str, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line; written to a temp name then moved, like OutputDir.write_json."""
+    tmp, final = f"{out.root}/.{name}.tmp", f"{out.root}/{name}"
+    with out.fs.open_output_stream(tmp) as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    out.fs.move(tmp, final)

@@ -1,0 +1,71 @@
+"""`evaluate` end to end through Ray Data (engine actor pool -> sandbox tasks) with the tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import EvaluateConfig, load_config
+from pipeline.evaluate.benchmarks import load_problems
+from pipeline.evaluate.run import evaluate
+
+RESULT_KEYS = {"task_id", "passed", "reason", "detail", "seconds", "isolation", "completion", "generation_s"}
+REASONS = {"passed", "assertion", "error", "syntax", "exit", "timeout", "memory", "crash"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_outputs(out: Path, benchmark: str, n: int) -> dict:
+    task_ids = [p.task_id for p in load_problems(benchmark, limit=n)]
+    samples, results = read_jsonl(out / "samples.jsonl"), read_jsonl(out / "results.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["task_id"] for s in samples] == task_ids and all(set(s) == {"task_id", "solution"} for s in samples)
+    assert [r["task_id"] for r in results] == task_ids and all(set(r) == RESULT_KEYS for r in results)
+    assert all(isinstance(s["solution"], str) for s in samples)
+    assert all(r["reason"] in REASONS and r["passed"] == (r["reason"] == "passed") for r in results)
+    assert all(r["isolation"] in ("namespace", "audit") and r["seconds"] > 0 for r in results)
+    c = summary["counts"]
+    assert (summary["benchmark"], c["problems"]) == (benchmark, n)
+    assert c["passed"] + c["failed"] == n and sum(c["by_reason"].values()) == n
+    assert summary["pass@1"] == c["passed"] / n
+    assert summary["sandbox_isolation"] and set(summary["sandbox_isolation"]) <= {"namespace", "audit"}
+    assert summary["engine"] == "transformers" and summary["prompt_format"] == "chat"
+    assert summary["versions"]["ray"] and summary["config"]["benchmark"]["name"] == benchmark
+    assert set(summary["seconds"]) == {"wall", "engine_load", "generation", "execution"}
+    assert summary["seconds"]["engine_load"] > 0 and summary["seconds"]["generation"] > 0
+    return summary
+
+
+@pytest.mark.slow
+def test_evaluate_humaneval_from_the_command_line(tiny_model, ray_local, tmp_path):
+    out = tmp_path / "he"
+    argv = ["evaluate", "--model", tiny_model, "--benchmark", "humaneval", "--limit", "4", "--engine",
+            "transformers", "--output", str(out), "--set", "generation.max_new_tokens=24",
+            "--set", "compute.batch_size=2"]
+    assert main(argv) == 0
+    check_outputs(out, "humaneval", 4)
+    assert main(argv) == 2  # a finished evaluation is not overwritten by accident
+    assert main([*argv, "--overwrite", "--limit", "2"]) == 0
+    check_outputs(out, "humaneval", 2)
+
+
+@pytest.mark.slow
+def test_evaluate_mbpp(tiny_model, ray_local, tmp_path):
+    cfg = load_config(overrides={"model.path": tiny_model, "model.engine": "transformers", "benchmark.name": "mbpp",
+                                 "benchmark.limit": 3, "generation.max_new_tokens": 16,
+                                 "output": str(tmp_path / "mbpp")}, schema=EvaluateConfig)
+    summary = evaluate(cfg)
+    assert check_outputs(tmp_path / "mbpp", "mbpp", 3) == json.loads(json.dumps(summary, default=str))
+
+
+def test_config_errors_are_reported_before_any_work(capsys, tmp_path):
+    assert main(["evaluate", "--set", "sandbox.timeout=3", "--output", str(tmp_path)]) == 2
+    assert "sandbox.timeout: unknown config key (did you mean `timeout_s`?)" in capsys.readouterr().err
+    assert main(["evaluate", "--set", "benchmark.plus_path=/data/HumanEvalPlus.jsonl", "--output", str(tmp_path)]) == 2
+    assert "benchmark.plus_path: EvalPlus extra tests are not supported yet" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
