@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -183,3 +184,28 @@ def test_the_working_dir_upload_leaves_out_venv_outputs_and_git(tmp_path):
     # A remote package URI is passed through as is; excludes only apply to a local folder.
     remote = runtime_env(RuntimeEnvConfig(working_dir="s3://b/pkg.zip", pip=["rich"], env_vars={"A": "1"}))
     assert remote == {"working_dir": "s3://b/pkg.zip", "pip": ["rich"], "env_vars": {"PYTHONUNBUFFERED": "1", "A": "1"}}
+
+
+def test_ctrl_c_stops_the_job_on_the_cluster(cluster, tiny_model, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([str(VENV_BIN / "inverse-instruct"), "submit", "--address", cluster, "generate",
+                             "--limit", "400", "--output", str(tmp_path / "long"), "--engine", "transformers",
+                             "--model", tiny_model, "--set", "model.max_model_len=1024"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = next(m.group(1) for line in proc.stderr if (m := re.search(r"submitted (\S+):", line)))
+        jobs = JobSubmissionClient(cluster)
+        deadline = time.monotonic() + 120
+        while jobs.get_job_status(job_id) != JobStatus.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        while not jobs.get_job_status(job_id).is_terminal() and time.monotonic() < deadline + 60:
+            time.sleep(0.5)
+        assert jobs.get_job_status(job_id) == JobStatus.STOPPED
+    finally:
+        if proc.poll() is None:
+            proc.kill()
