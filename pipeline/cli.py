@@ -34,6 +34,13 @@ TRAIN_FLAGS = {
     "num_workers": "compute.num_workers",
     "use_gpu": "compute.use_gpu",
 }
+EVALUATE_FLAGS = {
+    "model": "model.path",
+    "benchmark": "benchmark.name",
+    "limit": "benchmark.limit",
+    "engine": "model.engine",
+    "output": "output",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub_.add_argument("job_args", nargs=argparse.REMAINDER, metavar="JOB_ARGS",
                       help="the job's own flags, e.g. --config configs/generate.yaml --output s3://...")
     sub_.set_defaults(run=run_submit, verbose=False)
+
+    ev = sub.add_parser("evaluate", help="greedy pass@1 of a model on HumanEval or MBPP (sandboxed, Ray Data)",
+                        description="Generate one greedy completion per problem, run each program in a sandbox, "
+                                    "write samples.jsonl (EvalPlus format), results.jsonl and summary.json.")
+    ev.add_argument("--model", metavar="PATH_OR_ID", help="HF folder or hub id; 'embedded' = SmolLM2-135M-Instruct")
+    ev.add_argument("--benchmark", choices=["humaneval", "mbpp"])
+    ev.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N problems")
+    ev.add_argument("--engine", choices=["vllm", "transformers"])
+    ev.add_argument("--output", metavar="DIR", help="output folder (local or s3://...)")
+    _add_common(ev)
+    ev.set_defaults(run=run_evaluate)
     return parser
 
 
@@ -180,6 +198,28 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"done in {time.perf_counter() - t0:.0f}s: {m['steps']} steps over {' -> '.join(m['phases'])}; "
           f"loss {m['loss']['first']} -> {m['loss']['last']}; tokens/s {t['tokens_per_s']}; MFU {t['mfu']}\n"
           f"model: {m['outputs']['model']}; report: {m['outputs']['report']}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.config import EvaluateConfig
+
+    try:
+        cfg = config_from_args(args, EvaluateConfig, EVALUATE_FLAGS)
+    except (ConfigError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from pipeline.evaluate.run import evaluate  # heavy imports (ray, engines) only once the config is valid
+
+    try:
+        s = evaluate(cfg, overwrite=args.overwrite, verbose=args.verbose)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    c = s["counts"]
+    print(f"{s['benchmark']} pass@1 = {s['pass@1']:.4f} ({c['passed']}/{c['problems']}) in {s['seconds']['wall']:.0f}s; "
+          f"by reason {json.dumps(c['by_reason'])}; sandbox {'+'.join(s['sandbox_isolation'])}\n"
+          f"outputs in {cfg.output}: samples.jsonl results.jsonl summary.json")
     return 0
 
 
