@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,26 +22,25 @@ from pathlib import Path
 
 from benchmarks.common import device_name, table, versions
 
-# (part, module, args, rough seconds it needs on an H100: skipped when less is left)
+# (part, module, args, rough seconds it needs on an H100 with warm compile caches: skipped when less is
+# left). Headline first (seed_replay + factory for each size), then the ablations, then the slow extras.
 PLAN = [
-    ("embedded", "seed_replay", ["--model", "embedded", "--snippets", "512"], 100),
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "512"], 70),
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "512", "--code-first", "--label",
-                             "factory_code_first"], 60),
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "512", "--no-overlap", "--label",
-                             "factory_no_overlap"], 60),
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "512", "--ngram-spec", "4", "--label",
-                             "factory_ngram_spec"], 60),
-    ("embedded", "engines", ["--snippets", "16"], 90),
-    ("1.5b", "seed_replay", ["--model", "qwen2-1.5b", "--snippets", "512"], 140),
-    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "512"], 90),
-    ("1.5b", "ray_data_llm", ["--model", "qwen2-1.5b", "--snippets", "512"], 200),
-    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "512", "--code-first", "--label",
-                         "factory_code_first"], 80),
-    ("6.7b", "seed_replay", ["--model", "llama-6.7b", "--snippets", "256"], 280),
-    ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "256"], 130),
-    ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "256", "--code-first", "--label",
-                         "factory_code_first"], 90),
+    ("embedded", "seed_replay", ["--model", "embedded", "--snippets", "256"], 150),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256"], 90),
+    ("1.5b", "seed_replay", ["--model", "qwen2-1.5b", "--snippets", "256"], 120),
+    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "256"], 80),
+    ("6.7b", "seed_replay", ["--model", "llama-6.7b", "--snippets", "128"], 220),
+    ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "128"], 120),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--no-overlap", "--label",
+                             "factory_no_overlap"], 80),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--code-first", "--label",
+                             "factory_code_first"], 80),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--ngram-spec", "4", "--label",
+                             "factory_ngram_spec"], 80),
+    ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "128", "--code-first", "--label",
+                         "factory_code_first"], 100),
+    ("embedded", "engines", ["--snippets", "16"], 100),
+    ("1.5b", "ray_data_llm", ["--model", "qwen2-1.5b", "--snippets", "256"], 200),
 ]
 
 COLUMNS = ["model", "variant", "snippets", "engine_start_s", "steady_s", "snippets_per_s", "speedup",
@@ -54,6 +54,39 @@ def scaled(args: list[str], scale: float) -> list[str]:
         i = out.index("--snippets") + 1
         out[i] = str(max(2, int(int(out[i]) * scale)))
     return out
+
+
+MODEL_NAMES = {"embedded": "embedded", "1.5b": "qwen2-1.5b", "6.7b": "llama-6.7b"}
+LEFTOVERS = ("EngineCore", "VLLM::", "raylet", "gcs_server", "ray::", "default_worker.py")
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def gpu_free() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return f"GPU memory used/total: {out}"
+    except (OSError, subprocess.SubprocessError):
+        return "no nvidia-smi"
+
+
+def kill_leftovers() -> None:
+    """SIGKILL processes of a finished step (vLLM engine cores, Ray daemons and workers); never ourselves."""
+    me = os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(pid) != me and any(tag in cmdline for tag in LEFTOVERS):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+    time.sleep(2)
 
 
 def main() -> None:
@@ -71,26 +104,32 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
 
+    done = {(r["model"], r["variant"]) for r in read_rows(results)}  # re-running a part resumes it
     for n, (part, module, step_args, need_s) in enumerate(PLAN):
         label = step_args[step_args.index("--label") + 1] if "--label" in step_args else module
         if args.part not in ("all", part) or (args.only and label not in args.only.split(",")):
+            continue
+        if (MODEL_NAMES[part], label) in done or (module == "engines" and ("embedded", "engine_vllm") in done):
             continue
         left = deadline - time.time()
         if left < need_s * 0.6:
             print(f"SKIP {part} {label}: {left:.0f}s left, needs ~{need_s}s", flush=True)
             continue
         cmd = [sys.executable, "-m", f"benchmarks.{module}", *scaled(step_args, args.scale)]
-        print(f"RUN  {part} {label}: {' '.join(cmd[1:])} (timeout {left:.0f}s)", flush=True)
+        print(f"RUN  {part} {label}: {' '.join(cmd[1:])} (timeout {left:.0f}s; {gpu_free()})", flush=True)
         log_path = args.out / "logs" / f"{n:02d}-{part}-{label}.log"
         t0 = time.time()
         with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                    start_new_session=True)
             try:
-                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, timeout=left,
-                                      start_new_session=True)
-                stdout, rc = proc.stdout, proc.returncode
-            except subprocess.TimeoutExpired as err:
-                stdout, rc = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or ""), -9
+                stdout, _ = proc.communicate(timeout=left)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: vLLM's engine core holds the GPU
+                stdout, rc = proc.communicate()[0] or "", -9
             log.write(stdout)
+        kill_leftovers()  # an engine core or Ray worker that outlived its step would starve the next one
         found = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
         with open(results, "a") as f:
             for r in found:
@@ -99,9 +138,9 @@ def main() -> None:
         status = "ok" if rc == 0 and found else f"FAILED rc={rc} (see {log_path})"
         print(f"DONE {part} {label}: {status} in {time.time() - t0:.0f}s", flush=True)
         if rc != 0:
-            print("".join(open(log_path).readlines()[-15:]), flush=True)
+            print("".join(open(log_path).readlines()[-25:]), flush=True)
 
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    rows = read_rows(results)
     baseline = {r["model"]: r["snippets_per_s"] for r in rows if r["variant"] == "seed_replay"}
     for r in rows:
         if r["model"] in baseline and r["variant"] != "seed_replay" and not r["variant"].startswith("engine_"):
