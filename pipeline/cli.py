@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, GenerateConfig, load_config
+from pipeline.config import (ConfigError, EvaluateConfig, GenerateConfig, LoopConfig, SubmitConfig, TrainConfig,
+                             load_config)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -63,14 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", metavar="PATH_OR_ID", help="HF folder or hub id; 'embedded' = SmolLM2-135M-Instruct")
     gen.add_argument("--num-candidates", type=int, metavar="K", help="candidate instructions per snippet")
     gen.add_argument("--max-new-tokens", type=int, metavar="N", help="max tokens per candidate instruction")
-    gen.set_defaults(run=run_generate)
+    gen.set_defaults(run=run_generate, schema=GenerateConfig, flags=GENERATE_FLAGS)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded default (bundled corpus + model)",
-                          description="generate on the bundled corpus with the bundled SmolLM2-135M-Instruct, "
-                                      "sized for a 2-core laptop (configs/demo.yaml).")
+    loop = sub.add_parser("loop", help="the whole method: generate -> train -> evaluate base and tuned -> report",
+                          description="Run (or resume, in the same --output) generate, train and evaluate as one "
+                                      "job; writes OUTPUT/report.md with the before/after pass@1 table.")
+    loop.add_argument("--output", metavar="DIR", help="root output folder (local or s3://...)")
+    _add_common(loop)
+    loop.set_defaults(run=run_loop, schema=LoopConfig, flags={"output": "output"})
+
+    demo = sub.add_parser("demo", help="the whole loop on the embedded default (bundled corpus + model)",
+                          description="generate -> train (LoRA) -> evaluate base and tuned on a HumanEval slice, "
+                                      "with the bundled corpus and SmolLM2-135M-Instruct, sized for a 2-core "
+                                      "laptop (configs/demo.yaml).")
     demo.add_argument("--output", metavar="DIR", default="outputs/demo", help="output folder (default: %(default)s)")
     _add_common(demo, default_config=str(CONFIGS / "demo.yaml"))
-    demo.set_defaults(run=run_generate)
+    demo.set_defaults(run=run_loop, schema=LoopConfig, flags={"output": "output"})
 
     tr = sub.add_parser("train", help="fine-tune the base model on generated + original pairs (Ray Train)",
                         description="Run (or resume, in the same --output) a TorchTrainer fine-tuning job; "
@@ -82,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--num-workers", type=int, metavar="N", help="Ray Train workers (one per GPU on GPUs)")
     tr.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None, help="train on GPUs")
     _add_common(tr)
-    tr.set_defaults(run=run_train)
+    tr.set_defaults(run=run_train, schema=TrainConfig, flags=TRAIN_FLAGS)
 
     sub_ = sub.add_parser("submit", help="run a job on a Ray cluster (Ray Jobs API), streaming its logs",
                           description="Upload this checkout (runtime_env) and run `python -m ray_jobs.JOB "
@@ -96,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub_.add_argument("job", metavar="JOB", help="a module of ray_jobs/: generate, train, evaluate, loop")
     sub_.add_argument("job_args", nargs=argparse.REMAINDER, metavar="JOB_ARGS",
                       help="the job's own flags, e.g. --config configs/generate.yaml --output s3://...")
-    sub_.set_defaults(run=run_submit, verbose=False)
+    sub_.set_defaults(run=run_submit, schema=SubmitConfig, flags={"address": "address"}, verbose=False)
 
     ev = sub.add_parser("evaluate", help="greedy pass@1 of a model on HumanEval or MBPP (sandboxed, Ray Data)",
                         description="Generate one greedy completion per problem, run each program in a sandbox, "
@@ -107,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--engine", choices=["vllm", "transformers"])
     ev.add_argument("--output", metavar="DIR", help="output folder (local or s3://...)")
     _add_common(ev)
-    ev.set_defaults(run=run_evaluate)
+    ev.set_defaults(run=run_evaluate, schema=EvaluateConfig, flags=EVALUATE_FLAGS)
     return parser
 
 
@@ -145,36 +154,46 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    return args.run(args)
-
-
-def run_generate(args: argparse.Namespace) -> int:
     try:
-        cfg = config_from_args(args)  # every config error surfaces here, before any work starts
+        cfg = config_from_args(args, args.schema, args.flags)  # every config error surfaces here, before any work
     except (ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from pipeline.generate import generate  # heavy imports (ray) only once the config is valid
-
-    t0 = time.perf_counter()
     try:
-        manifest = generate(cfg, overwrite=args.overwrite, verbose=args.verbose)
-    except ConfigError as err:
+        return args.run(cfg, args)
+    except ConfigError as err:  # refused by the job itself, e.g. an output folder that holds another config
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+# One function per subcommand: the validated config in, the job run, a short summary printed, an exit code.
+# Heavy imports (ray, torch, vLLM) happen inside, once the config is known to be valid.
+
+def run_generate(cfg: GenerateConfig, args: argparse.Namespace) -> int:
+    from pipeline.generate import generate
+
+    t0 = time.perf_counter()
+    manifest = generate(cfg, overwrite=args.overwrite, verbose=args.verbose)
     print(summary(cfg.output, manifest, time.perf_counter() - t0))
     return 0 if manifest["all_rows_accounted_for"] else 1
 
 
-def run_submit(args: argparse.Namespace) -> int:
-    from pipeline.config import SubmitConfig
+def run_loop(cfg: LoopConfig, args: argparse.Namespace) -> int:
+    from pipeline.loop import before_after_rows, run_loop as loop_job
+
+    t0 = time.perf_counter()
+    m = loop_job(cfg, overwrite=args.overwrite, verbose=args.verbose)
+    lines = [f"done in {time.perf_counter() - t0:.0f}s; seconds per step {json.dumps(m['seconds'])}",
+             "benchmark  | base pass@1    | tuned pass@1",
+             *(f"{b:10} | {x:14} | {y}" for b, x, y, _ in before_after_rows(m)),
+             f"report: {cfg.output}/report.md (train report: {m['train']['report']})"]
+    print("\n".join(lines))
+    return 0
+
+
+def run_submit(cfg: SubmitConfig, args: argparse.Namespace) -> int:
     from pipeline.submit import submit
 
-    try:
-        cfg = config_from_args(args, SubmitConfig, {"address": "address"})
-    except (ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     try:
         return submit(args.job, args.job_args, cfg, wait=not args.no_wait)
     except (ValueError, ConnectionError, RuntimeError) as err:  # unknown job, no cluster there, refused
@@ -182,15 +201,8 @@ def run_submit(args: argparse.Namespace) -> int:
         return 2
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from pipeline.config import TrainConfig
-
-    try:
-        cfg = config_from_args(args, TrainConfig, TRAIN_FLAGS)
-    except (ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from pipeline.train.trainer import train  # heavy imports (ray.train, torch) only once the config is valid
+def run_train(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    from pipeline.train.trainer import train
 
     t0 = time.perf_counter()
     m = train(cfg, verbose=args.verbose)
@@ -201,21 +213,10 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.config import EvaluateConfig
+def run_evaluate(cfg: EvaluateConfig, args: argparse.Namespace) -> int:
+    from pipeline.evaluate.run import evaluate
 
-    try:
-        cfg = config_from_args(args, EvaluateConfig, EVALUATE_FLAGS)
-    except (ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from pipeline.evaluate.run import evaluate  # heavy imports (ray, engines) only once the config is valid
-
-    try:
-        s = evaluate(cfg, overwrite=args.overwrite, verbose=args.verbose)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    s = evaluate(cfg, overwrite=args.overwrite, verbose=args.verbose)
     c = s["counts"]
     print(f"{s['benchmark']} pass@1 = {s['pass@1']:.4f} ({c['passed']}/{c['problems']}) in {s['seconds']['wall']:.0f}s; "
           f"by reason {json.dumps(c['by_reason'])}; sandbox {'+'.join(s['sandbox_isolation'])}\n"

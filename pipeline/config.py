@@ -361,6 +361,20 @@ class EvaluateConfig:
             raise ValueError("benchmark.plus_path: EvalPlus extra tests are not supported yet (base tests only)")
 
 
+@dataclass(config=_STRICT)
+class LoopConfig:
+    """`inverse-instruct loop` / `demo`: generate -> train -> evaluate the base and the tuned model."""
+
+    output: str = "outputs/loop"
+    """Root folder; each step writes a subfolder (generate/, train/, eval-base-*/, eval-tuned-*/)."""
+    benchmarks: list[Literal["humaneval", "mbpp"]] = Field(default_factory=lambda: ["humaneval"])
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    """Each step's own config; its `output` (and train's `data.generated`, evaluate's model path and
+    benchmark name) are set by the loop."""
+
+
 class ConfigError(ValueError):
     """A config problem, with a message that names the key."""
 
@@ -464,6 +478,7 @@ def sections(schema: type) -> dict[str, type]:
 
 
 WORKFLOWS: dict[str, type] = {
+    "loop": LoopConfig,
     "generate": GenerateConfig,
     "train": TrainConfig,
     "submit": SubmitConfig,

@@ -273,6 +273,11 @@ class OutputDir:
             f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
         self.fs.move(tmp, final)
 
+    def write_text(self, name: str, text: str) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+        with self.fs.open_output_stream(f"{self.root}/{name}") as f:
+            f.write(text.encode())
+
     def read_ids(self, name: str) -> set[str]:
         """Ids in the readable Parquet files of a folder; a file cut short by a killed writer is deleted."""
         ids: set[str] = set()

@@ -1,0 +1,107 @@
+"""The whole INVERSE-INSTRUCT loop as one job: generate -> train -> evaluate base and tuned -> report.
+
+Each step is the library's own job with its own config section (LoopConfig = a GenerateConfig, a
+TrainConfig and an EvaluateConfig), written under one output folder:
+
+    OUTPUT/generate/   the data factory's outputs (selected/ feeds train)
+    OUTPUT/train/      checkpoints, the tuned model (model/), report.md + loss.png
+    OUTPUT/eval-{base,tuned}-{benchmark}/   samples.jsonl, results.jsonl, summary.json
+    OUTPUT/report.md, OUTPUT/manifest.json   the before/after table and where everything is
+
+Re-running the same command resumes: generate and train resume by themselves; a finished evaluation
+(its summary.json) is reused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+from pipeline.config import LoopConfig, to_dict
+from pipeline.io import OutputDir
+
+log = logging.getLogger(__name__)
+
+
+def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
+    from pipeline.evaluate.run import evaluate
+    from pipeline.generate import generate
+    from pipeline.train.trainer import train
+
+    out = OutputDir(cfg.output)
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    gen_cfg = replace(cfg.generate, output=out.sub("generate"))
+    generated = generate(gen_cfg, overwrite=overwrite, verbose=verbose)
+    seconds["generate"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    train_cfg = replace(cfg.train, output=out.sub("train"),
+                        data=replace(cfg.train.data, generated=f"{gen_cfg.output}/selected"))
+    trained = train(train_cfg, verbose=verbose)
+    seconds["train"] = round(time.perf_counter() - t0, 1)
+
+    models = {"base": cfg.train.model.path, "tuned": trained["outputs"]["model"]}
+    scores: dict[str, dict[str, dict[str, Any]]] = {}
+    for bench in cfg.benchmarks:
+        for name, path in models.items():
+            t0 = time.perf_counter()
+            eval_cfg = replace(cfg.evaluate, output=out.sub(f"eval-{name}-{bench}"),
+                               benchmark=replace(cfg.evaluate.benchmark, name=bench),
+                               model=replace(cfg.evaluate.model, path=path))
+            done = OutputDir(eval_cfg.output)
+            if done.exists("summary.json") and not overwrite:
+                log.info("loop: %s %s already evaluated in %s, reusing it", name, bench, eval_cfg.output)
+                summary = done.read_json("summary.json")
+            else:
+                summary = evaluate(eval_cfg, overwrite=overwrite, verbose=verbose)
+            scores.setdefault(bench, {})[name] = summary
+            seconds[f"evaluate {name} {bench}"] = round(time.perf_counter() - t0, 1)
+
+    manifest = {
+        "job": "loop",
+        "config": to_dict(cfg),
+        "generate": {"counts": generated["counts"], "output": gen_cfg.output},
+        "train": {"steps": trained["steps"], "phases": trained["phases"], "loss": trained["loss"],
+                  "throughput": trained["throughput"], "model": models["tuned"],
+                  "report": trained["outputs"]["report"]},
+        "evaluate": {bench: {name: {"pass@1": s["pass@1"], "passed": s["counts"]["passed"],
+                                    "problems": s["counts"]["problems"], "output": out.sub(f"eval-{name}-{bench}")}
+                             for name, s in per.items()} for bench, per in scores.items()},
+        "seconds": seconds,
+    }
+    out.write_json("manifest.json", manifest)
+    out.write_text("report.md", render_report(manifest))
+    return manifest
+
+
+def before_after_rows(manifest: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(benchmark, base pass@1, tuned pass@1, problems) per benchmark."""
+    rows = []
+    for bench, per in manifest["evaluate"].items():
+        base, tuned = per["base"], per["tuned"]
+        rows.append((bench, f"{base['pass@1']:.3f} ({base['passed']}/{base['problems']})",
+                     f"{tuned['pass@1']:.3f} ({tuned['passed']}/{tuned['problems']})", str(base["problems"])))
+    return rows
+
+
+def render_report(m: dict[str, Any]) -> str:
+    c, t = m["generate"]["counts"], m["train"]
+    lines = [
+        "# INVERSE-INSTRUCT loop report", "",
+        "## Before / after (greedy pass@1)", "",
+        "| benchmark | base model | tuned model | problems |", "|---|---|---|---|",
+        *[f"| {b} | {x} | {y} | {n} |" for b, x, y, n in before_after_rows(m)], "",
+        "## Steps", "",
+        f"- generate: {c['input']} input rows -> {c['snippets']} snippets -> {c['candidates']} candidates -> "
+        f"{c['selected']} selected ({c['rejected']} rejected, reasons in generate/rejected/)",
+        f"- train: {t['steps']} steps over {' -> '.join(t['phases'])}; loss {t['loss']['first']} -> "
+        f"{t['loss']['last']}; {t['throughput']['tokens_per_s']} tokens/s; report: {t['report']}",
+        f"- tuned model: {t['model']}", "",
+        "## Wall time (s)", "", "| step | seconds |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in m["seconds"].items()], "",
+    ]
+    return "\n".join(lines)
