@@ -98,10 +98,14 @@ def render_report(m: dict[str, Any]) -> str:
         "## Steps", "",
         f"- generate: {c['input']} input rows -> {c['snippets']} snippets -> {c['candidates']} candidates -> "
         f"{c['selected']} selected ({c['rejected']} rejected, reasons in generate/rejected/)",
-        f"- train: {t['steps']} steps over {' -> '.join(t['phases'])}; loss {t['loss']['first']} -> "
-        f"{t['loss']['last']}; {t['throughput']['tokens_per_s']} tokens/s; report: {t['report']}",
+        f"- train: {t['steps']} steps over {' -> '.join(t['phases'])}; loss {_num(t['loss']['first'])} -> "
+        f"{_num(t['loss']['last'])}; {t['throughput']['tokens_per_s']} tokens/s; report: {t['report']}",
         f"- tuned model: {t['model']}", "",
         "## Wall time (s)", "", "| step | seconds |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in m["seconds"].items()], "",
     ]
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
