@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config import GenerateConfig
-from pipeline.engines import Engine, EngineDead, SamplingSpec, create_engine, yes_probability
+from pipeline.engines import Engine, EngineDead, SamplingSpec, create_engine, each_or_alone, yes_probability
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 # One row per snippet: its candidates and their scores (NaN = unscored), or why it failed.
@@ -116,17 +115,17 @@ class InverseInstruct:
     def _step_by_step(self, prompts, seeds, todo, judge_prompts, out) -> dict[tuple[int, int], np.ndarray]:
         """Summarize the whole batch, then judge it: for engines without `sample_and_judge`, and the
         fallback that retries failing work item by item (so one bad snippet is rejected alone)."""
-        samples = _each_or_alone(lambda rows: self.engine.sample(
-            [prompts[r] for r in rows], self.spec, [seeds[r] for r in rows]), todo, out)
+        samples = each_or_alone(lambda rows: self.engine.sample(
+            [prompts[r] for r in rows], self.spec, [seeds[r] for r in rows]), todo, _reject_into(out))
         pairs, pair_prompts = [], []
         for row, texts in samples.items():
             for k, prompt in enumerate(judge_prompts(row, texts)):
                 if prompt is not None:
                     pairs.append((row, k))
                     pair_prompts.append(prompt)
-        logprobs = _each_or_alone(
+        logprobs = each_or_alone(
             lambda js: list(self.engine.next_token_logprobs([pair_prompts[j] for j in js], self.judge_ids)),
-            list(range(len(pairs))), out, row_of=lambda j: pairs[j][0])
+            list(range(len(pairs))), _reject_into(out, row_of=lambda j: pairs[j][0]))
         return {pairs[j]: lp for j, lp in logprobs.items()}
 
     def _seed(self, snippet_id: str) -> int:
@@ -134,30 +133,10 @@ class InverseInstruct:
         return int(hashlib.sha256(f"{self.seed}:{snippet_id}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def _each_or_alone(
-    call: Callable[[list[int]], Sequence[T]],
-    items: list[int],
-    out: dict[str, list],
-    row_of: Callable[[int], int] = lambda i: i,
-) -> dict[int, T]:
-    """Run `call` on all items at once; if that raises, retry each alone so that one bad item
-    (odd text, an engine error) is rejected with its reason instead of failing the whole batch."""
-    if not items:
-        return {}
-    try:
-        return dict(zip(items, call(items)))
-    except EngineDead:
-        raise
-    except Exception:  # noqa: BLE001 - any engine failure is contained to the items that cause it
-        log.warning("batch of %d failed in the engine; retrying one at a time", len(items), exc_info=True)
-    results: dict[int, T] = {}
-    for item in items:
-        try:
-            results[item] = call([item])[0]
-        except EngineDead:
-            raise
-        except Exception as err:  # noqa: BLE001
-            row = row_of(item)
-            if out["reason"][row] is None:
-                out["reason"][row], out["detail"][row] = "engine error", f"{type(err).__name__}: {err}"[:500]
-    return results
+def _reject_into(out: dict[str, list], row_of: Callable[[int], int] = lambda i: i) -> Callable[[int, Exception], None]:
+    """An `each_or_alone` error handler: the item's snippet gets reason `engine error` (its first error wins)."""
+    def reject(item: int, err: Exception) -> None:
+        row = row_of(item)
+        if out["reason"][row] is None:
+            out["reason"][row], out["detail"][row] = "engine error", f"{type(err).__name__}: {err}"[:500]
+    return reject

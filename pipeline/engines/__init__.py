@@ -10,7 +10,8 @@ engines given the same prompts must return the same numbers up to their arithmet
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+import logging
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 
@@ -75,6 +76,34 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
     total = np.sum(np.exp(x - safe[:, None], dtype=np.float32), axis=1, dtype=np.float32)
     with np.errstate(divide="ignore"):
         return (np.log(total, dtype=np.float32) + safe).astype(np.float32)
+
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def each_or_alone(call: Callable[[list[int]], Sequence[T]], items: list[int],
+                  on_error: Callable[[int, Exception], None]) -> dict[int, T]:
+    """Run `call` on all items at once; if that raises, retry each alone, so that one bad item (odd text, an
+    engine error) fails alone with its reason (`on_error(item, err)`) instead of failing the whole batch.
+    A dead engine (EngineDead) is never contained: the actor must fail and be restarted."""
+    if not items:
+        return {}
+    try:
+        return dict(zip(items, call(items)))
+    except EngineDead:
+        raise
+    except Exception:  # noqa: BLE001 - any engine failure is contained to the items that cause it
+        log.warning("batch of %d failed in the engine; retrying one at a time", len(items), exc_info=True)
+    results: dict[int, T] = {}
+    for item in items:
+        try:
+            results[item] = call([item])[0]
+        except EngineDead:
+            raise
+        except Exception as err:  # noqa: BLE001
+            on_error(item, err)
+    return results
 
 
 def resolve_dtype(cfg: ModelConfig, on_gpu: bool) -> str:

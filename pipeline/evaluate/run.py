@@ -12,7 +12,6 @@ OutputDir (local or s3://).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -24,7 +23,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
-from pipeline.engines import Engine, EngineDead, SamplingSpec, create_engine
+from pipeline.engines import Engine, SamplingSpec, create_engine, each_or_alone
 from pipeline.evaluate import benchmarks
 from pipeline.evaluate.sandbox import Outcome, run_program
 from pipeline.io import OutputDir
@@ -32,7 +31,6 @@ from pipeline.manifest import versions
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder
 
-log = logging.getLogger(__name__)
 FILES = ("samples.jsonl", "results.jsonl", "summary.json")
 _KEPT = ("index", "task_id", "completion", "generation_s", "engine_load_s", "prompt_format")
 RESULT_SCHEMA = pa.schema([
@@ -81,24 +79,12 @@ class Completer:
 
     def _complete(self, prompts: list[list[int]], todo: list[int], errors: list[str | None]) -> dict[int, str]:
         """All at once; if the engine raises, each alone, so one bad prompt fails only its problem."""
-        if not todo:
-            return {}
-        try:
-            texts = self.engine.sample([prompts[i] for i in todo], self.spec, [0] * len(todo))
-            return {i: t[0] for i, t in zip(todo, texts)}
-        except EngineDead:
-            raise  # the actor must die and be restarted by Ray
-        except Exception:  # noqa: BLE001
-            log.warning("batch of %d failed in the engine; retrying one at a time", len(todo), exc_info=True)
-        done = {}
-        for i in todo:
-            try:
-                done[i] = self.engine.sample([prompts[i]], self.spec, [0])[0][0]
-            except EngineDead:
-                raise
-            except Exception as err:  # noqa: BLE001
-                errors[i] = f"engine error: {type(err).__name__}: {err}"[:500]
-        return done
+        def fail(i: int, err: Exception) -> None:
+            errors[i] = f"engine error: {type(err).__name__}: {err}"[:500]
+
+        texts = each_or_alone(lambda rows: self.engine.sample([prompts[i] for i in rows], self.spec, [0] * len(rows)),
+                              todo, fail)
+        return {i: t[0] for i, t in texts.items()}
 
 
 def execute(batch: pa.Table, sandbox: SandboxConfig) -> pa.Table:
