@@ -162,8 +162,18 @@ def mfu(params: int, tokens: int, seconds: float) -> float | None:
 
 
 def spearman(a, b) -> float:
-    ranks = [np.argsort(np.argsort(np.asarray(x), kind="stable"), kind="stable").astype(np.float64) for x in (a, b)]
-    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
+    """Spearman's rho with tied values sharing their average rank (bf16 scores tie often)."""
+    return float(np.corrcoef(_average_ranks(a), _average_ranks(b))[0, 1])
+
+
+def _average_ranks(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
 
 
 def emit(result: dict) -> None:

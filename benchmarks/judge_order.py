@@ -1,6 +1,6 @@
 """Judge prompt order: the paper's (instruction, then code) vs code first (shared cached prefix).
 
-    .venv/bin/python benchmarks/judge_order.py [--snippets 16] [--k 5] [--engine vllm]
+    .venv/bin/python -m benchmarks.judge_order [--snippets 16] [--k 5] [--engine vllm]
 
 Generates K real candidates per snippet of the bundled corpus with the embedded model, then judges every
 (candidate, code) pair in both orders with the same engine (prefix caching on). Reports judge time,
@@ -14,12 +14,7 @@ import argparse
 import json
 import time
 
-import numpy as np
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64) for x in (a, b)]
-    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
+from benchmarks.common import spearman
 
 
 def main() -> None:

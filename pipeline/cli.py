@@ -127,7 +127,8 @@ def _add_common(p: argparse.ArgumentParser, default_config: str | None = None) -
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set compute.batch_size=16 (repeatable)")
     p.add_argument("--overwrite", action="store_true",
-                   help="redo stages whose config changed instead of refusing to mix configs in one folder")
+                   help="replace work in --output done with another config instead of refusing: generate redoes "
+                        "the stages whose config changed, train and evaluate start afresh")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show Ray Data progress and Ray/vLLM INFO logs (stage lines are always shown)")
 
@@ -205,7 +206,7 @@ def run_train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from pipeline.train.trainer import train
 
     t0 = time.perf_counter()
-    m = train(cfg, verbose=args.verbose)
+    m = train(cfg, verbose=args.verbose, overwrite=args.overwrite)
     t = m["throughput"]
     print(f"done in {time.perf_counter() - t0:.0f}s: {m['steps']} steps over {' -> '.join(m['phases'])}; "
           f"loss {m['loss']['first']} -> {m['loss']['last']}; tokens/s {t['tokens_per_s']}; MFU {t['mfu']}\n"

@@ -94,6 +94,8 @@ class InverseInstruct:
                 log.warning("fused summarize+judge failed; redoing the batch step by step", exc_info=True)
                 scores = None
         if scores is None:
+            for row in todo:  # a failed fused attempt may have filled some; the redo writes them afresh
+                out["instructions"][row] = []
             scores = self._step_by_step(prompts, seeds, todo, judge_prompts, out)
 
         for row in todo:

@@ -41,7 +41,7 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     t0 = time.perf_counter()
     train_cfg = replace(cfg.train, output=out.sub("train"),
                         data=replace(cfg.train.data, generated=f"{gen_cfg.output}/selected"))
-    trained = train(train_cfg, verbose=verbose)
+    trained = train(train_cfg, verbose=verbose, overwrite=overwrite)
     seconds["train"] = round(time.perf_counter() - t0, 1)
 
     models = {"base": cfg.train.model.path, "tuned": trained["outputs"]["model"]}
@@ -53,11 +53,12 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
                                benchmark=replace(cfg.evaluate.benchmark, name=bench),
                                model=replace(cfg.evaluate.model, path=path))
             done = OutputDir(eval_cfg.output)
-            if done.exists("summary.json") and not overwrite:
+            previous = done.read_json("summary.json")
+            if previous is not None and not overwrite and previous.get("config") == to_dict(eval_cfg) and name == "base":
                 log.info("loop: %s %s already evaluated in %s, reusing it", name, bench, eval_cfg.output)
-                summary = done.read_json("summary.json")
-            else:
-                summary = evaluate(eval_cfg, overwrite=overwrite, verbose=verbose)
+                summary = previous
+            else:  # the tuned model is re-evaluated on every run: it may have been retrained
+                summary = evaluate(eval_cfg, overwrite=True, verbose=verbose)
             scores.setdefault(bench, {})[name] = summary
             seconds[f"evaluate {name} {bench}"] = round(time.perf_counter() - t0, 1)
 

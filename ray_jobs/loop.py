@@ -1,4 +1,4 @@
-"""Ray job entrypoint for the whole self-improvement loop (generate -> train -> evaluate, repeated):
+"""Ray job entrypoint for the whole self-improvement loop (generate -> train -> evaluate base and tuned):
 `ray job submit --working-dir . -- python -m ray_jobs.loop --config ...`.
 
 Only parses arguments and calls the library (same flags as `inverse-instruct loop`).

@@ -60,7 +60,7 @@ def test_nodes_use_iam_roles_and_install_the_gpu_extras_with_this_ray(cluster):
         assert "IamInstanceProfile" in t["node_config"], name
     assert not SECRET.search(CLUSTER.read_text()) and not SECRET.search(RAYJOB.read_text())
     setup = "\n".join(cluster["setup_commands"])
-    assert "[gpu]" in setup
+    assert "[gpu,train]" in setup  # vLLM for generate/evaluate, peft for LoRA training
     # Every node and the submitting machine must run the same Ray.
     assert f"ray[data,train,default]=={ray.__version__}" in setup
 

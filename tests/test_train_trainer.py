@@ -93,7 +93,7 @@ def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_m
     assert m["phases"] == ["generated + original", "original"]
     assert m["steps_per_phase"] == m["planned_steps"] and m["steps"] > 0
     gen = m["data"]["generated"]
-    assert gen["rows"] == 20 and gen["dropped"] == sum(n for s, n in gen["by_status"].items() if s not in KEPT) > 0
+    assert gen["rows"] == 41 and gen["dropped"] == sum(n for s, n in gen["by_status"].items() if s not in KEPT) > 0
     assert m["throughput"]["tokens_per_s"] > 0
     assert m["throughput"]["mfu"] is None  # CPU, no configured peak
     report = (tmp_path / "report.md").read_text()
@@ -104,3 +104,25 @@ def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_m
     base = dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters())["model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(trained, base)  # the saved weights are the trained ones
     assert tok.eos_token == AutoTokenizer.from_pretrained(tiny_model).eos_token
+
+
+def test_an_output_folder_resumes_only_its_own_config(tmp_path):
+    """Ray Train restores the latest checkpoint by run name: a different config in the same folder would
+    get the old run (or its finished model) back, so it is refused; --overwrite starts afresh."""
+    from pipeline.config import ConfigError, TrainConfig, load_config
+    from pipeline.io import OutputDir
+    from pipeline.train.trainer import RUN_NAME, claim_output
+
+    out = OutputDir(str(tmp_path))
+    cfg = load_config(CPU_CONFIG, schema=TrainConfig)
+    claim_output(out, cfg, overwrite=False)
+    (tmp_path / RUN_NAME / "step_000005").mkdir(parents=True)
+    claim_output(out, load_config(CPU_CONFIG, {"compute.num_workers": 1},
+                                  schema=TrainConfig), overwrite=False)  # cluster shape: same run, resumable
+    assert (tmp_path / RUN_NAME / "step_000005").exists()
+    changed = load_config(CPU_CONFIG, {"optim.lr": 1e-3}, schema=TrainConfig)
+    with pytest.raises(ConfigError, match="another config"):
+        claim_output(out, changed, overwrite=False)
+    claim_output(out, changed, overwrite=True)
+    assert not (tmp_path / RUN_NAME).exists()
+    claim_output(out, changed, overwrite=False)  # now it is this config's folder

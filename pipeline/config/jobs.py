@@ -49,7 +49,7 @@ class TrainDataConfig:
     generated_epochs: int = Field(default=1, ge=0)
     original_epochs: int = Field(default=2, ge=0)
     limit: int | None = Field(default=None, ge=1)
-    """Read only the first N rows of each source."""
+    """Read only the first N rows of the original corpus (the generated pairs are always all used)."""
     max_length: int = Field(default=1024, ge=16)
     """Tokens per training sequence; a longer example is truncated (counted as `truncated`)."""
     packing: bool = True
@@ -105,6 +105,9 @@ class TrainComputeConfig:
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
     """Leave CPUs free for Ray Data (tokenize, shuffle): on a 2-core machine use 0.5 with 2 workers."""
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Extra Ray resources per training worker, e.g. `{multi_gpu: 0.125}` to run on cluster.yaml's
+    8-GPU node type (custom resources pin work to a node type; GPUs alone would fit any GPU node)."""
     strategy: Literal["ddp", "fsdp2"] = "ddp"
     """`fsdp2` shards parameters, gradients and optimizer state (torch `fully_shard`, per decoder layer)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -139,6 +142,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lora.enabled and self.compute.strategy == "fsdp2":
             raise ValueError("lora.enabled needs compute.strategy=ddp (LoRA adapters are small enough to replicate)")
+        if self.data.packing and self.model.attn_implementation == "flash_attention_2" and self.optim.micro_batch_size > 1:
+            # transformers' FA2 path finds packed example boundaries from position ids only at batch size 1.
+            raise ValueError("data.packing with model.attn_implementation=flash_attention_2 needs "
+                             "optim.micro_batch_size=1 (else packed examples attend to each other); use sdpa")
         per_step = self.optim.micro_batch_size * self.compute.num_workers
         if self.optim.global_batch_size % per_step:
             raise ValueError(f"optim.global_batch_size must be a multiple of optim.micro_batch_size x "

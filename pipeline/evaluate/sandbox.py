@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import SandboxConfig
@@ -143,7 +143,3 @@ def _classify(status: dict[str, str], returncode: int, timed_out: bool, stderr: 
         # os._exit() from the program, or a crash of the interpreter: the tests did not run to the end.
         reason, detail = "exit", f"exit code {returncode} before the tests finished; {stderr[-300:]}"
     return Outcome(reason == "passed", reason, detail, round(seconds, 4), isolation)
-
-
-def outcome_dict(outcome: Outcome) -> dict[str, object]:
-    return asdict(outcome)

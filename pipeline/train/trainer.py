@@ -10,6 +10,7 @@ Output folder (local or s3://):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import manifest as manifest_lib
-from pipeline.config import InputConfig, TrainConfig, to_dict
+from pipeline.config import ConfigError, InputConfig, TrainConfig, to_dict
 from pipeline.io import OutputDir, read_corpus
 from pipeline.models import resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
@@ -37,13 +38,14 @@ log = logging.getLogger("pipeline.train")
 RUN_NAME = "checkpoints"
 
 
-def train(cfg: TrainConfig, verbose: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from pipeline.generate import start_ray
 
-    start_ray(cfg.compute.ray_address, verbose)
     out = OutputDir(cfg.output)
+    claim_output(out, cfg, overwrite)
+    start_ray(cfg.compute.ray_address, verbose)
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     prompt_format = resolve_prompt_format(tokenizer, cfg.model.prompt_format)
@@ -76,7 +78,7 @@ def train(cfg: TrainConfig, verbose: bool = False) -> dict[str, Any]:
         train_loop,
         train_loop_config=asdict(loop),
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.compute.cpus_per_worker,
+                                     resources_per_worker={"CPU": cfg.compute.cpus_per_worker, **cfg.compute.resources_per_worker,
                                                            **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=RUN_NAME, storage_path=out.uri,
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
@@ -91,6 +93,21 @@ def train(cfg: TrainConfig, verbose: bool = False) -> dict[str, Any]:
     return manifest
 
 
+def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
+    """Resume only a run of the same config: Ray Train restores the latest checkpoint by run name, and a
+    finished run would otherwise hand back its old model for a new config. `overwrite` starts afresh."""
+    keys = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "compute", "checkpoint")}
+    fingerprint = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    previous = out.read_json("train_config.json")
+    if previous is not None and (overwrite or previous["fingerprint"] != fingerprint):
+        if not overwrite:
+            raise ConfigError(f"{out.uri} holds a training run of another config (data, model, lora or optim "
+                              f"changed); use a new --output, or --overwrite to start it afresh")
+        for name in (RUN_NAME, "model", "manifest.json", "report.md", "loss.png"):
+            out.remove(name)
+    out.write_json("train_config.json", {"fingerprint": fingerprint, "config": keys})
+
+
 def plan_phases(cfg: TrainConfig) -> list[tuple[str, ...]]:
     """The mix schedule, without the generated source when none is given."""
     have = {"original"} | ({"generated"} if cfg.data.generated else set())
@@ -100,7 +117,7 @@ def plan_phases(cfg: TrainConfig) -> list[tuple[str, ...]]:
 
 def source_input(cfg: TrainConfig, name: str) -> InputConfig:
     if name == "generated":  # `selected/` of generate: Parquet with instruction/response columns
-        return InputConfig(path=str(cfg.data.generated), response_fields=["response"], limit=cfg.data.limit)
+        return InputConfig(path=str(cfg.data.generated), response_fields=["response"])  # all of them: the point
     return InputConfig(path=cfg.data.original, limit=cfg.data.limit)
 
 
