@@ -111,10 +111,11 @@ def _explain(err: ValidationError, schema: type) -> str:
             hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             suffix = f" (did you mean `{hint[0]}`?)" if hint else f" (known: {', '.join(sorted(known))})"
             lines.append(f"{key}: unknown config key{suffix}")
-        elif key:
+        elif e["type"] == "value_error":  # a cross-field check of a section (key) or of the whole config
+            message = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"{key}: {message}" if key else message)
+        else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-        else:  # a cross-field check: its message names the keys
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -138,6 +138,10 @@ class ComputeConfig:
     ray_address: str | None = None
     """`auto` or `ray://...` to join a cluster; None starts (or reuses) a local one."""
 
+    def __post_init__(self) -> None:
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+
 
 @dataclass(config=_STRICT)
 class GenerateConfig:
@@ -154,7 +158,5 @@ class GenerateConfig:
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
-        if self.compute.max_actors < self.compute.min_actors:
-            raise ValueError("compute.max_actors must be >= compute.min_actors")
         if self.extract.max_code_chars < self.extract.min_code_chars:
             raise ValueError("extract.max_code_chars must be >= extract.min_code_chars")

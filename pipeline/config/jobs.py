@@ -200,8 +200,6 @@ class EvaluateConfig:
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
-        if self.compute.max_actors < self.compute.min_actors:
-            raise ValueError("compute.max_actors must be >= compute.min_actors")
         if self.benchmark.plus_path is not None:
             raise ValueError("benchmark.plus_path: EvalPlus extra tests are not supported yet (base tests only)")
 
