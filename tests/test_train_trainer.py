@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,21 +48,30 @@ def _checkpoint_steps(output: Path) -> set[int]:
     return {int(p.parent.name.split("_")[1]) for p in (output / "checkpoints").glob("step_*/state.json")}
 
 
+def _logged_steps(log: Path) -> dict[int, str]:
+    """step -> data digest, from the `[train] step N/T ... data DIGEST` lines a run printed."""
+    found = re.findall(r"\[train\] step (\d+)/\d+ .* data (\w+)", log.read_text(errors="replace"))
+    return {int(step): digest for step, digest in found}
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes_from_its_checkpoint(tiny_model, generated, tmp_path):
-    out = tmp_path / "run"
-    # ~60 steps of 2 sequences; a checkpoint every 4 steps.
+    out, log = tmp_path / "run", tmp_path / "killed.log"
+    # ~60 steps of 2 sequences; a checkpoint every 10 steps.
     args = _cli(tiny_model, generated, out, "data.limit=60", "optim.global_batch_size=4",
-                "checkpoint.every_steps=4", "checkpoint.num_to_keep=3")
-    proc = subprocess.Popen(args, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    while time.time() < deadline and not _checkpoint_steps(out) and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished (or failed) before it could be interrupted"
-    time.sleep(1.0)  # let Ray Train record the checkpoint
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, and the local Ray instance it started
-    proc.wait()
+                "checkpoint.every_steps=10", "checkpoint.num_to_keep=3")
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, env=_env(), start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.time() + 400
+        # Kill a step or two after a checkpoint, so that the killed run trained steps the resumed one redoes.
+        while time.time() < deadline and proc.poll() is None:
+            saved = _checkpoint_steps(out)
+            if saved and max(_logged_steps(log), default=0) > max(saved):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished (or failed) before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, and the local Ray instance it started
+        proc.wait()
     at_kill = _checkpoint_steps(out)
     assert at_kill and not (out / "model").exists()
 
@@ -75,6 +85,12 @@ def test_killed_driver_resumes_from_its_checkpoint(tiny_model, generated, tmp_pa
     assert [h["step"] for h in state["history"]] == list(range(1, m["steps"] + 1))  # each step once
     assert f"start at step {resumed[0]} " in done.stdout + done.stderr
     assert m["data"]["generated"]["by_status"]["read: not a string: response"] == 1
+    # The steps trained twice (after the checkpoint, before the kill) saw the same rows both times:
+    # the resumed run skipped exactly what the checkpoint had consumed.
+    killed = _logged_steps(log)
+    redone = {step: digest for step, digest in killed.items() if step > resumed[0]}
+    assert redone, f"killed at step {max(killed)}, resumed from {resumed[0]}: no step was trained twice"
+    assert redone == {h["step"]: h["data"] for h in state["history"] if h["step"] in redone}
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.prompts import SYSTEM
 
@@ -151,11 +152,12 @@ def pack_batch(batch: pa.Table, max_length: int, packing: bool) -> pa.Table:
 
 
 @dataclass
-class Collate:
+class Collate(NumpyBatchCollateFn):
     """A batch of sequences (numpy, from Ray Data) -> right-padded tensors for the model.
 
     Packed: no attention mask (the model derives the per-example mask from position ids; a padding tail
-    is its own segment). Padded baseline: the usual attention mask."""
+    is its own segment). Padded baseline: the usual attention mask. The sequence ids travel along (not to
+    the model) so that a step's data can be audited and compared across a resume."""
 
     pad_id: int
     packed: bool
@@ -177,7 +179,7 @@ class Collate:
             position_ids[i, n:] = torch.arange(width - n)
             attention_mask[i, :n] = 1
         out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-               "num_tokens": int(attention_mask.sum())}
+               "num_tokens": int(attention_mask.sum()), "ids": [str(x) for x in batch["id"]]}
         if not self.packed:
             out["attention_mask"] = attention_mask
         return out

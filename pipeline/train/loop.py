@@ -6,12 +6,14 @@ the loss is the mean over every trained token of the global batch (not a mean of
 
 Checkpoints (through `ray.train.report`) hold the weights (only the adapters with LoRA), the optimizer
 and LR schedule, and where the run was: phase, steps done in it, loss history. A resumed worker skips the
-micro batches that the checkpoint's steps already consumed in the current phase.
+micro batches that the checkpoint's steps already consumed in the current phase; the shards are a function
+of the data alone (Ray Data `preserve_order`, set by the trainer), so those are exactly the rows it trained.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import tempfile
 import time
@@ -115,12 +117,12 @@ def train_loop(config: dict[str, Any]) -> None:
             mfu = 6 * n_params * tps / (peak * world) if peak else None
             entry = {"step": state.step, "phase": state.phase, "loss": loss, "grad_norm": grad_norm,
                      "lr": scheduler.get_last_lr()[0], "tokens": state.tokens, "seconds": round(state.seconds, 3),
-                     "tokens_per_s": round(tps, 1), "mfu": mfu}
+                     "tokens_per_s": round(tps, 1), "mfu": mfu, "data": batch_digest(micro)}
             state.history.append(entry)
             if rank == 0:
                 print(f"[train] step {state.step}/{total} phase {state.phase} loss {loss:.4f} "
-                      f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} MFU {'null' if mfu is None else f'{mfu:.3f}'}",
-                      flush=True)
+                      f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} MFU {'null' if mfu is None else f'{mfu:.3f}'} "
+                      f"data {entry['data']}", flush=True)
             if state.step % c.checkpoint_every == 0:
                 save_checkpoint(c, model, optimizer, scheduler, state, rank)
         if state.step >= total:
@@ -131,6 +133,12 @@ def train_loop(config: dict[str, Any]) -> None:
     # Checkpoint first: merging LoRA adapters for the final model removes them from the training model.
     save_checkpoint(c, model, optimizer, scheduler, state, rank, final=True)
     save_final_model(c, model, rank)
+
+
+def batch_digest(micro: list[dict[str, Any]]) -> str:
+    """A short hash of the sequence ids this worker trained in one step (rank 0's goes into the history):
+    equal digests mean a resumed run trained exactly the rows an uninterrupted one would have."""
+    return hashlib.sha256("\x00".join(i for m in micro for i in m["ids"]).encode()).hexdigest()[:12]
 
 
 def _default_peak_flops(device: torch.device) -> float | None:
@@ -152,7 +160,7 @@ def train_step(c: LoopConfig, model: torch.nn.Module, optimizer: torch.optim.Opt
     for i, m in enumerate(micro):
         last = i == len(micro) - 1
         with _sync_gradients(model, last), autocast:
-            inputs = {k: v.to(device) for k, v in m.items() if k != "num_tokens"}
+            inputs = {k: v.to(device) for k, v in m.items() if isinstance(v, torch.Tensor)}
             loss = model(**inputs, num_items_in_batch=denominator, use_cache=False).loss
         loss.backward()
         local_loss += loss.detach().double()

@@ -10,6 +10,7 @@ Output folder (local or s3://):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,13 +18,13 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is imported: the V2 API only
 
 import ray
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import manifest as manifest_lib
@@ -54,14 +55,14 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
 
     data: dict[str, ray.data.Dataset] = {}
     counts: dict[str, dict[str, Any]] = {}
-    for name in sorted({s for p in phases for s in p}):
-        data[name], counts[name] = prepare_source(cfg, name, model_path, prompt_format)
-        log.info("train: %s: %s", name, json.dumps(counts[name], sort_keys=True))
-
-    world, micro = cfg.compute.num_workers, cfg.optim.micro_batch_size
-    accum = cfg.optim.global_batch_size // (micro * world)
-    planned = [steps_per_pass(sum(counts[s]["sequences"] for s in p), world, micro, accum) for p in phases]
-    datasets = {f"phase{i}": phase_dataset(cfg, i, [data[s] for s in p]) for i, p in enumerate(phases)}
+    with ordered_data():  # the datasets keep the setting; later jobs in this process do not inherit it
+        for name in sorted({s for p in phases for s in p}):
+            data[name], counts[name] = prepare_source(cfg, name, model_path, prompt_format)
+            log.info("train: %s: %s", name, json.dumps(counts[name], sort_keys=True))
+        world, micro = cfg.compute.num_workers, cfg.optim.micro_batch_size
+        accum = cfg.optim.global_batch_size // (micro * world)
+        planned = [steps_per_pass(sum(counts[s]["sequences"] for s in p), world, micro, accum) for p in phases]
+        datasets = {f"phase{i}": phase_dataset(cfg, i, [data[s] for s in p]) for i, p in enumerate(phases)}
     use_gpu = cfg.compute.use_gpu
     bf16 = cfg.compute.dtype == "bfloat16" or (cfg.compute.dtype == "auto" and use_gpu)
     save_dtype = cfg.checkpoint.save_dtype if cfg.checkpoint.save_dtype != "auto" else ("bfloat16" if use_gpu else "float32")
@@ -84,6 +85,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
         datasets=datasets,
+        dataset_config=ingest_config(),
     )
     result = trainer.fit()
     state = _read_state(result.checkpoint)
@@ -91,6 +93,28 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     out.write_json("manifest.json", manifest)
     write_report(out, manifest, state["history"])
     return manifest
+
+
+@contextlib.contextmanager
+def ordered_data() -> Iterator[None]:
+    """Ray Data `preserve_order` for the datasets created inside: packing groups rows by batch, so the
+    training sequences (and a resumed run's skip-ahead) are only reproducible if blocks keep their order
+    instead of arriving as tasks finish."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = before
+
+
+def ingest_config() -> DataConfig:
+    """Ray Train's default ingest, made deterministic: with `preserve_order`, `streaming_split` hands out
+    blocks by a fixed rule (not by worker speed or locality), so every worker's shard depends only on the
+    data and a resumed run's skip-ahead lands exactly where the checkpoint left off."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
