@@ -41,6 +41,12 @@ def test_unknown_section_and_ill_typed_values_name_the_key():
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="max_actors"):
         load_config(overrides={"compute.min_actors": 3, "compute.max_actors": 2})
+    with pytest.raises(ConfigError, match=r"num_gpus_per_actor \(1\) must equal model.tensor_parallel_size \(2\)"):
+        load_config(overrides={"model.tensor_parallel_size": 2, "compute.num_gpus_per_actor": 1})
+    # TP=1 may share a GPU between actors; the transformers engine has no TP; CPU actors ask no GPU.
+    for ok in ({"compute.num_gpus_per_actor": 0.5}, {"model.tensor_parallel_size": 4, "compute.num_gpus_per_actor": 4},
+               {"model.engine": "transformers", "compute.num_gpus_per_actor": 1}):
+        load_config(overrides=ok)
 
 
 def test_flags_override_yaml(tmp_path):

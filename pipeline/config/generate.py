@@ -143,6 +143,15 @@ class ComputeConfig:
             raise ValueError("max_actors must be >= min_actors")
 
 
+def check_engine_gpus(model: ModelConfig, compute: ComputeConfig) -> None:
+    """A vLLM engine actor must own exactly its tensor-parallel GPUs (a fraction of one GPU is fine at
+    TP=1, e.g. two small-model actors per GPU): vLLM shards over the GPUs Ray makes visible to the actor."""
+    tp, gpus = model.tensor_parallel_size, compute.num_gpus_per_actor
+    if model.engine == "vllm" and gpus and (gpus > 1 or tp > 1) and gpus != tp:
+        raise ValueError(f"compute.num_gpus_per_actor ({gpus:g}) must equal model.tensor_parallel_size ({tp}): "
+                         "each engine actor runs one vLLM engine over that many GPUs")
+
+
 @dataclass(config=_STRICT)
 class GenerateConfig:
     """`inverse-instruct generate`: corpus -> snippets -> candidates -> selected pairs."""
@@ -158,5 +167,6 @@ class GenerateConfig:
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
+        check_engine_gpus(self.model, self.compute)
         if self.extract.max_code_chars < self.extract.min_code_chars:
             raise ValueError("extract.max_code_chars must be >= extract.min_code_chars")

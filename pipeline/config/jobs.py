@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from pipeline.config.generate import (_STRICT, EMBEDDED_CORPUS, EMBEDDED_MODEL, ComputeConfig, GenerateConfig,
-                                      ModelConfig)
+                                      ModelConfig, check_engine_gpus)
 
 
 @dataclass(config=_STRICT)
@@ -200,6 +200,7 @@ class EvaluateConfig:
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
+        check_engine_gpus(self.model, self.compute)
         if self.benchmark.plus_path is not None:
             raise ValueError("benchmark.plus_path: EvalPlus extra tests are not supported yet (base tests only)")
 
