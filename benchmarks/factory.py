@@ -1,11 +1,11 @@
 """Our fused actor (pipeline/inverse.py) through Ray Data, on the same snippets as seed_replay.
 
     python -m benchmarks.factory --model embedded|qwen2-1.5b|llama-6.7b --snippets N
-        [--batch-size B] [--no-overlap] [--code-first] [--ngram-spec T] [--label NAME]
+        [--batch-size B] [--concurrent-batches C] [--no-overlap] [--code-first] [--ngram-spec T] [--label NAME]
 
 One actor, one vLLM engine: K samples per snippet as ONE n=K request, each snippet's K judge requests
 (1 new token, exact Yes/No log-probabilities) entering the same engine as soon as its samples are done
-(`compute.overlap`). Steady state = from the first batch's start to the last batch's end inside the
+(`compute.overlap`), and C batches in the engine at once (`compute.concurrent_batches`), as `generate` runs it. Steady state = from the first batch's start to the last batch's end inside the
 actor; the engine start is timed apart. For random-weight models the summaries are forced to the same
 per-snippet lengths seed_replay uses (benchmarks/common.py).
 """
@@ -20,6 +20,8 @@ import pyarrow as pa
 
 from benchmarks.common import (K, SUMMARY_TOKENS_CAP, GpuMemory, build_model, emit, forced_length, load_snippets,
                                read_lengths)
+from pipeline.config import ComputeConfig
+from pipeline.generate import actor_pool
 from pipeline.inverse import InverseInstruct
 
 
@@ -37,11 +39,11 @@ class TimedInverseInstruct(InverseInstruct):
         by_seed = {self._seed(sid): n for sid, n in forced.items()}
         engine = self.engine
 
-        def params(prompt, spec, seed, **extra):
+        def params(prompt, spec, seed):
             n = by_seed[seed]
             return engine._params(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
                                   repetition_penalty=spec.repetition_penalty, max_tokens=n, min_tokens=n,
-                                  ignore_eos=True, seed=seed, **extra)
+                                  ignore_eos=True, seed=seed, output_kind=engine._final_only)
 
         engine._sample_params = params
 
@@ -57,7 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--snippets", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=0, help="snippets per actor call (0 = half of --snippets)")
+    ap.add_argument("--batch-size", type=int, default=0, help="snippets per actor call (0 = a quarter of --snippets)")
+    ap.add_argument("--concurrent-batches", type=int, default=ComputeConfig().concurrent_batches)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--no-overlap", action="store_true", help="summarize the whole batch, then judge it")
     ap.add_argument("--code-first", action="store_true", help="judge prompt with the code first")
@@ -69,7 +72,7 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.config import ComputeConfig, GenerateConfig, JudgeConfig, ModelConfig, SummarizeConfig
+    from pipeline.config import GenerateConfig, JudgeConfig, ModelConfig, SummarizeConfig
 
     model = build_model(args.model, args.workdir)
     snippets = load_snippets(args.snippets)
@@ -81,8 +84,8 @@ def main() -> None:
                           load_format=model.load_format, speculative_ngram_tokens=args.ngram_spec or None),
         summarize=SummarizeConfig(num_candidates=K, max_new_tokens=SUMMARY_TOKENS_CAP),
         judge=JudgeConfig(code_first=args.code_first),
-        compute=ComputeConfig(batch_size=args.batch_size or max(1, len(snippets) // 2), overlap=not args.no_overlap,
-                              num_gpus_per_actor=1.0 if on_gpu else 0.0),
+        compute=ComputeConfig(batch_size=args.batch_size or max(1, len(snippets) // 4), overlap=not args.no_overlap,
+                              concurrent_batches=args.concurrent_batches, num_gpus_per_actor=1.0 if on_gpu else 0.0),
     )
     ray.init(num_cpus=4 if on_gpu else 2, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -92,8 +95,7 @@ def main() -> None:
         target_num_rows_per_block=cfg.compute.batch_size)
     out = ds.map_batches(
         TimedInverseInstruct, fn_constructor_kwargs={"cfg": cfg, "forced": forced}, batch_size=cfg.compute.batch_size,
-        batch_format="pyarrow", num_gpus=cfg.compute.num_gpus_per_actor, num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_format="pyarrow", num_gpus=cfg.compute.num_gpus_per_actor, num_cpus=1, **actor_pool(cfg),
     ).to_arrow_refs()
     table = pa.concat_tables(ray.get(out))
     wall = time.time() - t_all
@@ -106,6 +108,7 @@ def main() -> None:
     emit({
         "variant": args.label, "model": model.name, "params": model.params, "real_weights": model.real,
         "snippets": len(rows), "failed_snippets": failed, "batch_size": cfg.compute.batch_size,
+        "concurrent_batches": cfg.compute.concurrent_batches,
         "overlap": cfg.compute.overlap, "code_first": args.code_first, "ngram_spec": args.ngram_spec,
         "engine_start_s": round(rows[0]["init1"] - rows[0]["init0"], 1), "steady_s": round(steady, 1),
         "wall_s": round(wall, 1), "snippets_per_s": round(len(rows) / steady, 3),

@@ -179,16 +179,27 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
             InverseInstruct,
             fn_constructor_kwargs={"cfg": cfg},
             batch_size=c.batch_size,
-            compute=ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
             num_gpus=c.num_gpus_per_actor,
             num_cpus=c.num_cpus_per_actor,
             batch_format="pyarrow",
+            **actor_pool(cfg),
         ).write_parquet(out.sub("_work/scored"), mode=SaveMode.APPEND)
     out.ensure_parquet("_work/scored", SCORED_SCHEMA)
     scored_ids = out.read_ids("_work/scored")
     if len(scored_ids) != total:
         raise RuntimeError(f"inverse: {total - len(scored_ids)} of {total} snippets were not scored")
     return {"snippets": total, "resumed_from": len(done), "scored_now": total - len(done)}
+
+
+def actor_pool(cfg: GenerateConfig) -> dict[str, Any]:
+    """map_batches arguments for the engine actors: an autoscaling pool, and with vLLM several batches
+    per actor at once (threads calling into the actor's one engine loop; Ray Data otherwise runs a sync
+    UDF one call at a time)."""
+    c = cfg.compute
+    concurrent = c.concurrent_batches if cfg.model.engine == "vllm" else 1
+    return {"compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors,
+                                         enable_true_multi_threading=concurrent > 1),
+            "max_concurrency": concurrent}
 
 
 # ---------------------------------------------------------------- stage 3: select + decontaminate

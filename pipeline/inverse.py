@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from typing import Callable
 
 import numpy as np
@@ -57,6 +58,10 @@ class InverseInstruct:
         self.seed = cfg.model.seed
         self.max_len = self.engine.max_model_len
         self.overlap = cfg.compute.overlap
+        # Ray Data may run several batches in this actor at once (compute.concurrent_batches), and judge
+        # prompts are built on the engine-loop thread: one tokenizer user at a time (HF fast tokenizers
+        # are not safe to share between threads).
+        self._tokenizer_lock = threading.Lock()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, codes, langs = (batch.column(c).to_pylist() for c in ("id", "code", "lang"))
@@ -65,7 +70,8 @@ class InverseInstruct:
 
         # Step 2 prompts. A prompt must leave room for at least one new token.
         prefixes = [pick_prefix(i, lang) for i, lang in zip(ids, langs)]
-        prompts = [self.prompts.summarize(c, lang, p) for c, lang, p in zip(codes, langs, prefixes)]
+        with self._tokenizer_lock:
+            prompts = [self.prompts.summarize(c, lang, p) for c, lang, p in zip(codes, langs, prefixes)]
         todo = []
         for row, prompt in enumerate(prompts):
             if len(prompt) >= self.max_len:
@@ -78,7 +84,8 @@ class InverseInstruct:
         def judge_prompts(row: int, texts: list[str]) -> list[list[int] | None]:
             """Step 3 prompts of one snippet's candidates; None = too long (that candidate stays unscored)."""
             out["instructions"][row] = [(prefixes[row] + text).strip() for text in texts]
-            built = [self.prompts.judge(ins, codes[row], langs[row]) for ins in out["instructions"][row]]
+            with self._tokenizer_lock:
+                built = [self.prompts.judge(ins, codes[row], langs[row]) for ins in out["instructions"][row]]
             return [p if len(p) < self.max_len else None for p in built]
 
         fused = getattr(self.engine, "sample_and_judge", None) if self.overlap else None

