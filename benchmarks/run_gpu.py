@@ -31,6 +31,8 @@ PLAN = [
     ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "256"], 80),
     ("6.7b", "seed_replay", ["--model", "llama-6.7b", "--snippets", "128"], 220),
     ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "128"], 120),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--concurrent-batches", "1", "--label",
+                             "factory_one_batch_at_a_time"], 80),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--no-overlap", "--label",
                              "factory_no_overlap"], 80),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--code-first", "--label",
@@ -57,7 +59,7 @@ def scaled(args: list[str], scale: float) -> list[str]:
 
 
 MODEL_NAMES = {"embedded": "embedded", "1.5b": "qwen2-1.5b", "6.7b": "llama-6.7b"}
-LEFTOVERS = ("EngineCore", "VLLM::", "raylet", "gcs_server", "ray::", "default_worker.py")
+STEP_MARK = "II_BENCH_STEP"  # in the environment of every process a step starts (inherited by its children)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -73,15 +75,17 @@ def gpu_free() -> str:
         return "no nvidia-smi"
 
 
-def kill_leftovers() -> None:
-    """SIGKILL processes of a finished step (vLLM engine cores, Ray daemons and workers); never ourselves."""
-    me = os.getpid()
+def kill_leftovers(mark: str) -> None:
+    """SIGKILL what a finished step left behind (vLLM engine cores, Ray daemons and workers), found by the
+    marker in their environment: they outlive the step's process group, and other processes on the machine
+    are never touched."""
+    needle = f"{STEP_MARK}={mark}".encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(pid) != me and any(tag in cmdline for tag in LEFTOVERS):
+        if needle in environ and int(pid) != os.getpid():
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except OSError:
@@ -119,9 +123,10 @@ def main() -> None:
         print(f"RUN  {part} {label}: {' '.join(cmd[1:])} (timeout {left:.0f}s; {gpu_free()})", flush=True)
         log_path = args.out / "logs" / f"{n:02d}-{part}-{label}.log"
         t0 = time.time()
+        mark = f"{os.getpid()}-{n}"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                    env={**env, STEP_MARK: mark}, start_new_session=True)
             try:
                 stdout, _ = proc.communicate(timeout=left)
                 rc = proc.returncode
@@ -129,7 +134,7 @@ def main() -> None:
                 os.killpg(proc.pid, signal.SIGKILL)  # the whole group: vLLM's engine core holds the GPU
                 stdout, rc = proc.communicate()[0] or "", -9
             log.write(stdout)
-        kill_leftovers()  # an engine core or Ray worker that outlived its step would starve the next one
+        kill_leftovers(mark)  # an engine core or Ray worker that outlived its step would starve the next one
         found = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
         with open(results, "a") as f:
             for r in found:
