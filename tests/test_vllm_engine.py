@@ -6,6 +6,8 @@ Parity with the transformers engine is measured in float32 on the same token-id 
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -191,3 +193,8 @@ def test_a_failing_batch_fails_alone_and_the_engine_goes_on(vllm_engine, judge_p
         passing.result(timeout=300)
     assert len(got) == len(judge_prompts) and all(out.finished for out in got)
     assert np.isfinite(vllm_engine.next_token_logprobs(judge_prompts[:2], ids)).all()
+    # Idle, the loop holds no thread (so dropping the engine still shuts its engine core down).
+    deadline = time.time() + 10
+    while any(t.name == "vllm-engine-loop" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "vllm-engine-loop" for t in threading.enumerate())

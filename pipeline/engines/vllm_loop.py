@@ -42,7 +42,10 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handlers: dict[str, tuple[_Batch, OnDone]] = {}
         self._ids = itertools.count()
-        threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True).start()
+        # The thread runs only while there is work: an idle engine holds no thread, so dropping the
+        # VLLMEngine still shuts its engine core down.
+        self._lock = threading.Lock()
+        self._running = False
 
     def run(self, start: Callable[[Add], None]) -> None:
         """Call `start(add)` on the loop thread and wait until every request it added is finished.
@@ -52,7 +55,11 @@ class EngineLoop:
         samples are done). An exception in `start`, in an `on_done` or in `add` fails this batch alone (its
         requests are aborted) and is raised here; a failed engine step fails every batch in flight."""
         batch = _Batch()
-        self._inbox.put((batch, start))
+        with self._lock:
+            self._inbox.put((batch, start))
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True).start()
         batch.done.wait()
         if batch.error is not None:
             raise batch.error
@@ -61,8 +68,12 @@ class EngineLoop:
 
     def _run(self) -> None:
         while True:
-            try:  # block only when the engine has nothing to do
-                batch, start = self._inbox.get(block=not self._handlers)
+            with self._lock:  # `run` starts a new thread if this one has decided to stop
+                if not self._handlers and self._inbox.empty():
+                    self._running = False
+                    return
+            try:  # new batches join between two steps
+                batch, start = self._inbox.get_nowait()
             except queue.Empty:
                 self._step()
                 continue
@@ -76,6 +87,8 @@ class EngineLoop:
 
     def _step(self) -> None:
         try:
+            if not self.engine.has_unfinished_requests():  # a step would wait forever for outputs
+                raise RuntimeError(f"the engine holds none of the {len(self._handlers)} request(s) in flight")
             outputs = self.engine.step()
         except Exception as err:  # noqa: BLE001 - the engine's state is unknown: fail everything in flight
             log.warning("vLLM engine step failed; failing %d request(s) in flight", len(self._handlers))
