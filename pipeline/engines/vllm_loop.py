@@ -67,6 +67,19 @@ class EngineLoop:
     # ------------------------------------------------------------------ loop thread only
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:  # a bug here must not leave callers waiting forever
+            log.exception("vLLM engine loop crashed")
+            with self._lock:
+                self._running = False
+                waiting = []
+                while not self._inbox.empty():
+                    waiting.append(self._inbox.get_nowait()[0])
+            for batch in {b for b, _ in self._handlers.values()} | set(waiting):
+                self._fail(batch, err)
+
+    def _serve(self) -> None:
         while True:
             with self._lock:  # `run` starts a new thread if this one has decided to stop
                 if not self._handlers and self._inbox.empty():
