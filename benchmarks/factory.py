@@ -5,8 +5,9 @@
 
 One actor, one vLLM engine: K samples per snippet as ONE n=K request, each snippet's K judge requests
 (1 new token, exact Yes/No log-probabilities) entering the same engine as soon as its samples are done
-(`compute.overlap`), and C batches in the engine at once (`compute.concurrent_batches`), as `generate` runs it. Steady state = from the first batch's start to the last batch's end inside the
-actor; the engine start is timed apart. For random-weight models the summaries are forced to the same
+(`compute.overlap`), and C batches in the engine at once (`compute.concurrent_batches`), as `generate`
+runs it. Steady state = from the first batch's start to the last batch's end inside the actor; the engine
+start is timed apart. For random-weight models the summaries are forced to the same
 per-snippet lengths seed_replay uses (benchmarks/common.py).
 """
 
