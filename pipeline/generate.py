@@ -27,7 +27,7 @@ import ray
 from ray.data import ActorPoolStrategy, SaveMode
 
 from pipeline import manifest
-from pipeline.config import ConfigError, GenerateConfig, fingerprint
+from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig, fingerprint
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, read_corpus
@@ -191,15 +191,16 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     return {"snippets": total, "resumed_from": len(done), "scored_now": total - len(done)}
 
 
-def actor_pool(cfg: GenerateConfig) -> dict[str, Any]:
-    """map_batches arguments for the engine actors: an autoscaling pool, and with vLLM several batches
-    per actor at once (threads calling into the actor's one engine loop; Ray Data otherwise runs a sync
-    UDF one call at a time)."""
+def actor_pool(cfg: GenerateConfig | EvaluateConfig) -> dict[str, Any]:
+    """map_batches arguments for the engine actors (generate and evaluate): an autoscaling pool; with
+    vLLM, several batches per actor at once (threads calling into the actor's one engine loop; Ray Data
+    otherwise runs a sync UDF one call at a time); and a bounded number of restarts of an actor whose
+    engine died (the actor exits, see `restart_actor_if_engine_dead`)."""
     c = cfg.compute
     concurrent = c.concurrent_batches if cfg.model.engine == "vllm" else 1
     return {"compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors,
                                          enable_true_multi_threading=concurrent > 1),
-            "max_concurrency": concurrent}
+            "max_concurrency": concurrent, "max_restarts": c.max_actor_restarts}
 
 
 # ---------------------------------------------------------------- stage 3: select + decontaminate

@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import GenerateConfig
-from pipeline.engines import Engine, EngineDead, SamplingSpec, create_engine, each_or_alone, yes_probability
+from pipeline.engines import (Engine, EngineDead, SamplingSpec, create_engine, each_or_alone,
+                              restart_actor_if_engine_dead, yes_probability)
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
 
@@ -63,6 +64,7 @@ class InverseInstruct:
         # are not safe to share between threads).
         self._tokenizer_lock = threading.Lock()
 
+    @restart_actor_if_engine_dead
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, codes, langs = (batch.column(c).to_pylist() for c in ("id", "code", "lang"))
         out: dict[str, list] = {"instructions": [[] for _ in ids], "scores": [[] for _ in ids],

@@ -1,16 +1,18 @@
-"""The score formula and the transformers engine (on the tiny random model)."""
+"""The score formula, the transformers engine (on the tiny random model), and what a dead engine does to its actor."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.engines import SamplingSpec, yes_probability
+from pipeline.config import ComputeConfig, GenerateConfig, ModelConfig
+from pipeline.engines import EngineDead, SamplingSpec, restart_actor_if_engine_dead, yes_probability
 from pipeline.engines.hf_engine import HFEngine
+from pipeline.generate import actor_pool
 
 
 def test_score_is_p_yes_over_p_yes_plus_p_no():
@@ -63,3 +65,37 @@ def test_sampling_is_seeded_per_prompt_and_stops_at_fence(hf_engine):
     assert len(first) == 2 and all(len(texts) == 3 for texts in first)
     assert first[1] == alone[0]  # a prompt's samples do not depend on its batch neighbours
     assert all("```" not in t for texts in first for t in texts)
+
+
+
+def _engine_dies_every_call() -> type:
+    """A map_batches actor whose engine is dead on every call; it counts its calls in a file. Made in a
+    function so that Ray pickles the class by value (Ray workers cannot import a pytest module)."""
+
+    class EngineDiesEveryCall:
+        def __init__(self, calls: str) -> None:
+            self.calls = calls
+
+        @restart_actor_if_engine_dead
+        def __call__(self, batch):
+            with open(self.calls, "a") as f:
+                f.write("x")
+            raise EngineDead("the engine core died")
+
+    return EngineDiesEveryCall
+
+
+def test_a_dead_engine_restarts_its_actor_a_bounded_number_of_times(ray_local, tmp_path):
+    """EngineDead ends the actor's process (not an application error, which Ray Data would not retry);
+    Ray restarts it `compute.max_actor_restarts` times and then fails the job instead of looping."""
+    calls = tmp_path / "calls"
+    cfg = GenerateConfig(compute=ComputeConfig(max_actor_restarts=2))
+    with pytest.raises(Exception, match="died"):
+        ray_local.data.range(2).map_batches(_engine_dies_every_call(), fn_constructor_kwargs={"calls": str(calls)},
+                                            batch_size=2, **actor_pool(cfg)).materialize()
+    assert calls.read_text() == "xxx"  # the first actor and its two restarts
+
+
+def test_outside_an_actor_engine_dead_is_raised():
+    with pytest.raises(EngineDead):
+        _engine_dies_every_call()(os.devnull)(None)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,6 +155,52 @@ def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
     assert manifest["resume"]["inverse_snippets_scored_now"] >= 1
     for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
         assert read(cut / folder, keys) == read(full / folder, keys), folder
+
+
+@pytest.mark.vllm
+def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(ray_local, tiny_model, corpus_folder, tmp_path):
+    """The kernel's OOM killer SIGKILLs a vLLM engine core mid-run. vLLM's own client would then wait for
+    outputs forever; instead the actor exits, Ray restarts it with a fresh engine and retries its batches,
+    and the run ends complete: every snippet scored once."""
+    pytest.importorskip("vllm")
+    import psutil
+
+    def engine_cores() -> dict[int, psutil.Process]:
+        return {p.pid: p for p in psutil.process_iter(["name"]) if p.info["name"] == "VLLM::EngineCore"}
+
+    others = set(engine_cores())  # e.g. the engine another test module keeps for the session
+    out = tmp_path / "run"
+    cfg = load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out, **{
+        "model.engine": "vllm", "model.cpu_memory_utilization": 0.15, "compute.batch_size": 1,
+        "compute.concurrent_batches": 1, "summarize.max_new_tokens": 64}))
+    seen: set[int] = set()
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_the_first_engine_once_it_has_written() -> None:
+        while not done.is_set():
+            cores = {pid: p for pid, p in engine_cores().items() if pid not in others}
+            seen.update(cores)
+            if not killed and cores and list((out / "_work" / "scored").glob("*.parquet")):
+                pid, proc = next(iter(cores.items()))
+                proc.send_signal(signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_first_engine_once_it_has_written, daemon=True)
+    killer.start()
+    try:
+        manifest = generate(cfg)
+    finally:
+        done.set()
+        killer.join()
+    assert killed and seen - set(killed), "the engine core was not killed, or no fresh engine took over"
+    c = manifest["counts"]
+    candidates = read(out / "candidates", ["id", "k"])
+    assert len({(r["id"], r["k"]) for r in candidates}) == len(candidates) == c["candidates"]
+    assert c["candidates"] == 3 * (c["snippets"] - sum(
+        n for k, n in c["rejected_by_stage_and_reason"].items() if k.startswith("inverse/")))
+    assert manifest["all_rows_accounted_for"]
 
 
 def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, tmp_path):

@@ -139,6 +139,10 @@ class ComputeConfig:
     """Judge a snippet's candidates as soon as they are written, while other snippets of the batch are
     still being summarized, in the same engine (vLLM). False = summarize the whole batch, then judge it.
     Same results either way; it changes only the speed."""
+    max_actor_restarts: int = Field(default=3, ge=-1)
+    """Times Ray restarts an engine actor whose engine died (a crash, the OOM killer) and retries its
+    batches on the fresh engine; one more death fails the job. -1 = no limit (a batch that kills every
+    engine would then retry forever)."""
     ray_address: str | None = None
     """`auto` or `ray://...` to join a cluster; None starts (or reuses) a local one."""
 

@@ -10,7 +10,9 @@ engines given the same prompts must return the same numbers up to their arithmet
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 import logging
+import os
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
@@ -29,7 +31,8 @@ class SamplingSpec:
 
 
 class EngineDead(RuntimeError):
-    """The engine itself is gone (not one bad prompt): the actor must fail, and Ray restarts it."""
+    """The engine itself is gone (not one bad prompt): the actor must exit, and Ray restarts it
+    (see `restart_actor_if_engine_dead`)."""
 
 
 class Engine(Protocol):
@@ -104,6 +107,38 @@ def each_or_alone(call: Callable[[list[int]], Sequence[T]], items: list[int],
         except Exception as err:  # noqa: BLE001
             on_error(item, err)
     return results
+
+
+def restart_actor_if_engine_dead(call: Callable[..., T]) -> Callable[..., T]:
+    """For the `__call__` of a Ray Data actor that owns an engine: on EngineDead, end the actor's process.
+
+    Raised as an exception, EngineDead would be an application error: Ray Data does not retry those, and
+    the whole job would fail for one crashed engine. A process that exits is a system error instead: Ray
+    restarts the actor (at most `compute.max_actor_restarts` times, then the job fails) and retries the
+    batches it held on the fresh actor, with a fresh engine. The same as ray.data.llm's vLLM stage does.
+    Outside a Ray actor (tests, notebooks) EngineDead is raised as usual."""
+
+    @functools.wraps(call)
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        try:
+            return call(*args, **kwargs)
+        except EngineDead:
+            if not _in_ray_actor():
+                raise
+            log.exception("the engine is dead: exiting this actor so that Ray restarts it and retries its batches")
+            logging.shutdown()
+            os._exit(1)
+
+    return wrapped
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - no Ray, or no runtime context: not an actor
+        return False
 
 
 def resolve_dtype(cfg: ModelConfig, on_gpu: bool) -> str:

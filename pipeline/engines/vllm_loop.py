@@ -7,7 +7,10 @@ fill the free slots, instead of the GPU idling until the slowest sample of the b
 actor's next call starts. Results do not depend on which batches ran together: every sampled request
 carries its own seed.
 
-Only the loop thread touches the engine and the bookkeeping below; callers only enqueue and wait.
+Only the loop thread touches the engine and the bookkeeping below; callers only enqueue and wait, and
+while they wait they check that the engine core process is still alive: when it is killed from outside (the
+kernel's OOM killer sends SIGKILL), vLLM's client marks the engine dead but its `step()` then waits for
+outputs forever (vllm 0.26 and 0.32 alike), so the loop thread cannot report it.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ class _Batch:
 
 
 class EngineLoop:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, health_check_s: float = 2.0) -> None:
         self.engine = engine  # a vllm LLMEngine (`LLM.llm_engine`)
+        self.health_check_s = health_check_s
+        self._dead: EngineDead | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handlers: dict[str, tuple[_Batch, OnDone]] = {}
         self._ids = itertools.count()
@@ -54,15 +59,34 @@ class EngineLoop:
         it is finished and may add more requests to the same batch (a snippet's judge requests once its
         samples are done). An exception in `start`, in an `on_done` or in `add` fails this batch alone (its
         requests are aborted) and is raised here; a failed engine step fails every batch in flight."""
+        self._raise_if_engine_dead()
         batch = _Batch()
         with self._lock:
             self._inbox.put((batch, start))
             if not self._running:
                 self._running = True
                 threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True).start()
-        batch.done.wait()
+        while not batch.done.wait(self.health_check_s):
+            self._raise_if_engine_dead()
         if batch.error is not None:
             raise batch.error
+
+    def _raise_if_engine_dead(self) -> None:
+        """EngineDead if vLLM's client has seen its engine core process die (a cheap flag check). The loop
+        thread may then be stuck inside `step()` for good; the actor is expected to exit (see
+        `restart_actor_if_engine_dead`), so nothing here tries to revive it."""
+        if self._dead is None:
+            ensure_alive = getattr(getattr(self.engine, "engine_core", None), "ensure_alive", None)
+            try:
+                if ensure_alive is not None:  # absent from the in-process client: nothing to watch
+                    ensure_alive()
+            except Exception as err:  # noqa: BLE001 - vllm's EngineDeadError is not importable in all versions
+                if type(err).__name__ != "EngineDeadError":
+                    raise
+                self._dead = EngineDead(f"the vLLM engine core process died ({len(self._handlers)} request(s) "
+                                        "in flight); see its log for the cause, e.g. the OOM killer")
+        if self._dead is not None:
+            raise self._dead
 
     # ------------------------------------------------------------------ loop thread only
 

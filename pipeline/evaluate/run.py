@@ -12,6 +12,7 @@ OutputDir (local or s3://).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -20,10 +21,9 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy
 
 from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
-from pipeline.engines import Engine, SamplingSpec, create_engine, each_or_alone
+from pipeline.engines import Engine, SamplingSpec, create_engine, each_or_alone, restart_actor_if_engine_dead
 from pipeline.evaluate import benchmarks
 from pipeline.evaluate.sandbox import Outcome, run_program
 from pipeline.io import OutputDir
@@ -48,16 +48,20 @@ class Completer:
         t0 = time.perf_counter()
         self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
         self.load_s: float | None = time.perf_counter() - t0  # reported once, with this actor's first batch
+        self._lock = threading.Lock()
         self.prompts = PromptBuilder(self.engine.tokenizer, cfg.model.prompt_format)
         self.spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
                                  max_new_tokens=cfg.generation.max_new_tokens, stop=())
 
+    @restart_actor_if_engine_dead
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         rows = batch.to_pylist()
         n = len(rows)
         completions, errors = [""] * n, [None] * n
-        prompts = [self.prompts.solve(r["problem"], r["answer_start"]) for r in rows]
+        with self._lock:  # Ray Data may call with several batches at once (compute.concurrent_batches)
+            prompts = [self.prompts.solve(r["problem"], r["answer_start"]) for r in rows]
+            load, self.load_s = (self.load_s, None) if n else (None, self.load_s)
         todo = []
         for i, prompt in enumerate(prompts):
             if len(prompt) >= self.engine.max_model_len:
@@ -67,11 +71,9 @@ class Completer:
         for i, text in self._complete(prompts, todo, errors).items():
             completions[i] = text
         per_row = (time.perf_counter() - t0) / max(1, n)
-        load = [None] * n
-        if self.load_s is not None and n:
-            load[0], self.load_s = self.load_s, None
         added = {"completion": (completions, pa.string()), "generation_error": (errors, pa.string()),
-                 "generation_s": ([per_row] * n, pa.float64()), "engine_load_s": (load, pa.float64()),
+                 "generation_s": ([per_row] * n, pa.float64()),
+                 "engine_load_s": ([load] + [None] * (n - 1) if n else [], pa.float64()),
                  "prompt_format": ([self.prompts.prompt_format] * n, pa.string())}
         for name, (values, type_) in added.items():
             batch = batch.append_column(name, pa.array(values, type_))
@@ -103,7 +105,7 @@ def execute(batch: pa.Table, sandbox: SandboxConfig) -> pa.Table:
 
 def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run the job; returns the summary that it also writes to `output/summary.json`."""
-    from pipeline.generate import start_ray  # the same Ray start-up as generate (auth, logging, address)
+    from pipeline.generate import actor_pool, start_ray  # the same Ray start-up and engine actors as generate
 
     out = OutputDir(cfg.output)
     if out.exists("summary.json") and not overwrite:
@@ -118,8 +120,7 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // c.batch_size)))
     results = ds.map_batches(
         Completer, fn_constructor_kwargs={"cfg": cfg}, batch_size=c.batch_size,
-        compute=ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
-        num_gpus=c.num_gpus_per_actor, num_cpus=c.num_cpus_per_actor, batch_format="pyarrow",
+        num_gpus=c.num_gpus_per_actor, num_cpus=c.num_cpus_per_actor, batch_format="pyarrow", **actor_pool(cfg),
     ).map_batches(
         execute, fn_kwargs={"sandbox": cfg.sandbox}, batch_size=c.batch_size, num_cpus=1, batch_format="pyarrow",
     ).take_all()
