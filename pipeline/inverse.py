@@ -87,7 +87,7 @@ class InverseInstruct:
             """Step 3 prompts of one snippet's candidates; None = too long (that candidate stays unscored)."""
             out["instructions"][row] = [(prefixes[row] + text).strip() for text in texts]
             with self._tokenizer_lock:
-                built = [self.prompts.judge(ins, codes[row], langs[row]) for ins in out["instructions"][row]]
+                built = self.prompts.judge_all(out["instructions"][row], codes[row], langs[row])
             return [p if len(p) < self.max_len else None for p in built]
 
         fused = getattr(self.engine, "sample_and_judge", None) if self.overlap else None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from pipeline.prompts import JUDGE_ASK, PREFIXES, SUMMARIZE_ASK, PromptBuilder, pick_prefix, single_token_ids
+from pipeline.prompts import (JUDGE_ASK, PREFIXES, SUMMARIZE_ASK, SYSTEM, PromptBuilder, pick_prefix,
+                              single_token_ids)
 
 
 def test_chat_format_ends_with_the_opening(tiny_model):
@@ -49,3 +50,25 @@ def test_code_first_judge_prompts_of_one_snippet_share_the_code_as_prefix(tiny_m
     paper = PromptBuilder(tok, "chat")
     c, d = paper.judge("Add two numbers.", code, "python"), paper.judge("Sum a and b.", code, "python")
     assert next(i for i, (x, y) in enumerate(zip(c, d)) if x != y) < shared
+
+
+def test_judge_prompts_tokenized_together_equal_each_tokenized_alone(corpus):
+    """`judge_all` tokenizes a snippet's K prompts in one call; the ids must be those of each prompt alone
+    (checked with the real SmolLM2 tokenizer on real instructions, against the template's own tokenizing)."""
+    from pipeline.models import embedded_model_dir
+    from pipeline.prompts import fenced
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    code = "def add(a, b):\n    return a + b\n"
+    instructions = [row["instruction"] for row in corpus[:10]]
+    chat = PromptBuilder(tok, "chat").judge_all(instructions, code, "python")
+    for ids, instruction in zip(chat, instructions):
+        user = JUDGE_ASK.format(instruction=instruction, code=fenced(code, "python"))
+        alone = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+        assert ids == list(alone)
+    magicoder = PromptBuilder(tok, "magicoder").judge_all(instructions, code, "python")
+    assert [len(ids) for ids in magicoder] != [len(magicoder[0])] * len(magicoder)  # really different lengths
+    for ids, instruction in zip(magicoder, instructions):
+        user = JUDGE_ASK.format(instruction=instruction, code=fenced(code, "python"))
+        assert ids == tok(f"{SYSTEM}\n\n@@ Instruction\n{user}\n\n@@ Response\n")["input_ids"]
