@@ -8,7 +8,8 @@ One actor, one vLLM engine: K samples per snippet as ONE n=K request, each snipp
 (`compute.overlap`), and C batches in the engine at once (`compute.concurrent_batches`), as `generate`
 runs it. Steady state = from the first batch's start to the last batch's end inside the actor; the engine
 start is timed apart. For random-weight models the summaries are forced to the same
-per-snippet lengths seed_replay uses (benchmarks/common.py).
+per-snippet lengths seed_replay uses (benchmarks/common.py). Also reported: how much of the time the
+engine-loop thread was busy on its CPU, and in the actor's own code (judge prompts, adding requests).
 """
 
 from __future__ import annotations
@@ -52,8 +53,12 @@ class TimedInverseInstruct(InverseInstruct):
         t0 = time.time()
         out = super().__call__(batch)
         n = out.num_rows
-        return (out.append_column("t0", pa.array([t0] * n)).append_column("t1", pa.array([time.time()] * n))
-                .append_column("init0", pa.array([self.init[0]] * n)).append_column("init1", pa.array([self.init[1]] * n)))
+        stats = self.engine.loop.stats  # cumulative: the last batch's values are the run's
+        columns = {"t0": t0, "t1": time.time(), "init0": self.init[0], "init1": self.init[1],
+                   "loop_busy_s": stats.busy_s, "loop_cpu_s": stats.cpu_s, "loop_callbacks_s": stats.callbacks_s}
+        for name, value in columns.items():
+            out = out.append_column(name, pa.array([value] * n))
+        return out
 
 
 def main() -> None:
@@ -106,6 +111,8 @@ def main() -> None:
     out_tokens = (sum(forced.values()) * K if forced else
                   sum(len(tok(t, add_special_tokens=False)["input_ids"]) for r in rows for t in r["instructions"]))
     failed = sum(1 for r in rows if r["reason"])
+    loop = {k: max(r[k] for r in rows) for k in ("loop_busy_s", "loop_cpu_s", "loop_callbacks_s")}
+    busy = max(loop["loop_busy_s"], 1e-9)
     emit({
         "variant": args.label, "model": model.name, "params": model.params, "real_weights": model.real,
         "snippets": len(rows), "failed_snippets": failed, "batch_size": cfg.compute.batch_size,
@@ -115,6 +122,9 @@ def main() -> None:
         "wall_s": round(wall, 1), "snippets_per_s": round(len(rows) / steady, 3),
         "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / steady, 1),
         "peak_gpu_memory_gib": memory.stop(),
+        # The thread that feeds the engine: busy all the time on its CPU = it, not the GPU, sets the pace.
+        "loop_cpu_share": round(loop["loop_cpu_s"] / busy, 3),
+        "loop_callbacks_share": round(loop["loop_callbacks_s"] / busy, 3),
     })
     ray.shutdown()
 

@@ -167,6 +167,8 @@ def test_concurrent_batches_share_the_engine_and_match_one_at_a_time(vllm_engine
         together = [t.to_pylist() for t in pool.map(actor, halves)]
     for a, b in zip(alone, together):
         _assert_same_rows(a, b)
+    stats = vllm_engine.loop.stats  # what benchmarks/factory.py reports about the loop thread
+    assert stats.requests >= 2 * 6 and 0 < stats.callbacks_s < stats.busy_s and 0 < stats.cpu_s
 
 
 def test_a_failing_batch_fails_alone_and_the_engine_goes_on(vllm_engine, judge_prompts):

@@ -19,6 +19,8 @@ import itertools
 import logging
 import queue
 import threading
+import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -39,6 +41,17 @@ class _Batch:
         self.error: BaseException | None = None
 
 
+@dataclass
+class LoopStats:
+    """Where the loop thread's time went, summed over its busy periods (read by benchmarks/factory.py).
+    cpu_s close to busy_s means the thread feeding the engine is itself the bottleneck."""
+
+    busy_s: float = 0.0  # wall time the loop thread ran
+    cpu_s: float = 0.0  # its CPU time (waiting for the engine's outputs does not count)
+    callbacks_s: float = 0.0  # in the batches' own code: adding requests, handling finished ones
+    requests: int = 0
+
+
 class EngineLoop:
     def __init__(self, engine: Any, health_check_s: float = 2.0) -> None:
         self.engine = engine  # a vllm LLMEngine (`LLM.llm_engine`)
@@ -51,6 +64,7 @@ class EngineLoop:
         # VLLMEngine still shuts its engine core down.
         self._lock = threading.Lock()
         self._running = False
+        self.stats = LoopStats()
 
     def run(self, start: Callable[[Add], None]) -> None:
         """Call `start(add)` on the loop thread and wait until every request it added is finished.
@@ -104,7 +118,10 @@ class EngineLoop:
                 self._fail(batch, err)
 
     def _serve(self) -> None:
+        stats, wall0, cpu0 = self.stats, time.perf_counter(), time.thread_time()
+        busy0, used0 = stats.busy_s, stats.cpu_s
         while True:
+            stats.busy_s, stats.cpu_s = busy0 + time.perf_counter() - wall0, used0 + time.thread_time() - cpu0
             with self._lock:  # `run` starts a new thread if this one has decided to stop
                 if not self._handlers and self._inbox.empty():
                     self._running = False
@@ -121,6 +138,7 @@ class EngineLoop:
         self.engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
         self._handlers[request_id] = (batch, on_done)
         batch.open.add(request_id)
+        self.stats.requests += 1
 
     def _step(self) -> None:
         try:
@@ -143,11 +161,14 @@ class EngineLoop:
             self._call(batch, on_done, out)
 
     def _call(self, batch: _Batch, fn: Callable, arg: Any) -> None:
+        t0 = time.perf_counter()
         try:
             fn(arg)
         except Exception as err:  # noqa: BLE001 - contained to the batch whose code raised it
             self._fail(batch, err)
             return
+        finally:
+            self.stats.callbacks_s += time.perf_counter() - t0
         if not batch.open:
             batch.done.set()
 
