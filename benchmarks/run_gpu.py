@@ -47,7 +47,7 @@ PLAN = [
 
 COLUMNS = ["model", "variant", "snippets", "engine_start_s", "steady_s", "snippets_per_s", "speedup",
            "output_tokens_per_s", "judge_paper_order_mfu", "judge_code_first_mfu", "judge_order_spearman",
-           "peak_gpu_memory_gib"]
+           "peak_gpu_memory_gib", "loop_cpu_share"]
 
 
 def scaled(args: list[str], scale: float) -> list[str]:
