@@ -67,7 +67,6 @@ def test_sampling_is_seeded_per_prompt_and_stops_at_fence(hf_engine):
     assert all("```" not in t for texts in first for t in texts)
 
 
-
 def _engine_dies_every_call() -> type:
     """A map_batches actor whose engine is dead on every call; it counts its calls in a file. Made in a
     function so that Ray pickles the class by value (Ray workers cannot import a pytest module)."""
