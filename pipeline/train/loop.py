@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from pipeline.train.data import Collate
+
+# A logger, not print: Ray Train V2 turns a worker's print into a log record AND, where Ray wraps stdout,
+# the plain print as well, so every printed line showed twice.
+log = logging.getLogger(__name__)
 
 # Measured dense bf16 peak of one H100/H200 (the spec sheet's 989 TFLOP/s is not reachable).
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12}
@@ -96,8 +101,8 @@ def train_loop(config: dict[str, Any]) -> None:
     state.sessions.append({"start_step": state.step, "start_phase": state.phase, "world_size": world,
                            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
     if rank == 0:
-        print(f"[train] start at step {state.step} (phase {state.phase}, step {state.phase_step} in it); "
-              f"plan {c.planned_steps} steps per phase; {n_params / 1e6:.1f}M params", flush=True)
+        log.info(f"[train] start at step {state.step} (phase {state.phase}, step {state.phase_step} in it); "
+                 f"plan {c.planned_steps} steps per phase; {n_params / 1e6:.1f}M params")
     total = sum(c.planned_steps) if c.max_steps is None else min(sum(c.planned_steps), c.max_steps)
     collate = Collate(pad_id=c.pad_id, packed=c.packing)
     while state.phase < len(c.phases) and not state.done:
@@ -120,9 +125,9 @@ def train_loop(config: dict[str, Any]) -> None:
                      "tokens_per_s": round(tps, 1), "mfu": mfu, "data": batch_digest(micro)}
             state.history.append(entry)
             if rank == 0:
-                print(f"[train] step {state.step}/{total} phase {state.phase} loss {loss:.4f} "
-                      f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} MFU {'null' if mfu is None else f'{mfu:.3f}'} "
-                      f"data {entry['data']}", flush=True)
+                log.info(f"[train] step {state.step}/{total} phase {state.phase} loss {loss:.4f} "
+                         f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} MFU {'null' if mfu is None else f'{mfu:.3f}'} "
+                         f"data {entry['data']}")
             if state.step % c.checkpoint_every == 0:
                 save_checkpoint(c, model, optimizer, scheduler, state, rank)
         if state.step >= total:
