@@ -158,12 +158,19 @@ def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
 
 
 @pytest.mark.vllm
-def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(ray_local, tiny_model, corpus_folder, tmp_path):
+def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(ray_local, tiny_model, corpus, tmp_path):
     """The kernel's OOM killer SIGKILLs a vLLM engine core mid-run. vLLM's own client would then wait for
     outputs forever; instead the actor exits, Ray restarts it with a fresh engine and retries its batches,
     and the run ends complete: every snippet scored once."""
     pytest.importorskip("vllm")
     import psutil
+
+    # 80 real rows, one snippet per batch: with the tiny model a batch takes about a second, and the engine
+    # must still be running after the first scores are written (with 21 rows, a CI run once finished first).
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "real.jsonl").write_text("".join(json.dumps(row) + "\n" for row in corpus[:80]))
+    bad_rows_jsonl(folder / "zz_bad.jsonl")
 
     def engine_cores() -> dict[int, psutil.Process]:
         # "VLLM::EngineCore" is longer than the kernel's 15-character process name: match what is left.
@@ -172,7 +179,7 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(ray_local
 
     others = set(engine_cores())  # e.g. the engine another test module keeps for the session
     out = tmp_path / "run"
-    cfg = load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out, **{
+    cfg = load_config(overrides=tiny_overrides(tiny_model, folder, out, **{
         "model.engine": "vllm", "model.cpu_memory_utilization": 0.15, "compute.batch_size": 1,
         "compute.concurrent_batches": 1, "summarize.max_new_tokens": 64}))
     seen: set[int] = set()
@@ -199,7 +206,7 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(ray_local
     finally:
         done.set()
         killer.join()
-    assert killed, "the engine core was never killed"
+    assert killed, f"the engine core was never killed (engine cores seen: {sorted(seen)})"
     assert seen - set(killed), f"no fresh engine took over (engine cores seen: {sorted(seen)})"
     c = manifest["counts"]
     candidates = read(out / "candidates", ["id", "k"])
