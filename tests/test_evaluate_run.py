@@ -67,5 +67,26 @@ def test_config_errors_are_reported_before_any_work(capsys, tmp_path):
     assert main(["evaluate", "--set", "sandbox.timeout=3", "--output", str(tmp_path)]) == 2
     assert "sandbox.timeout: unknown config key (did you mean `timeout_s`?)" in capsys.readouterr().err
     assert main(["evaluate", "--set", "benchmark.plus_path=/data/HumanEvalPlus.jsonl", "--output", str(tmp_path)]) == 2
-    assert "benchmark.plus_path: EvalPlus extra tests are not supported yet" in capsys.readouterr().err
+    assert "benchmark.plus_path: cannot read /data/HumanEvalPlus.jsonl" in capsys.readouterr().err
+    assert main(["loop", "--set", "benchmarks=[humaneval,mbpp]", "--set",
+                 "evaluate.benchmark.plus_path=/data/HumanEvalPlus.jsonl", "--output", str(tmp_path)]) == 2
+    assert "evaluate.benchmark.plus_path: one EvalPlus file holds one benchmark" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_evaluate_with_evalplus_tests(tiny_model, ray_local, tmp_path, evalplus_files):
+    out = tmp_path / "he-plus"
+    assert main(["evaluate", "--model", tiny_model, "--benchmark", "humaneval", "--engine", "transformers",
+                 "--output", str(out), "--plus-path", str(evalplus_files["humaneval"]),
+                 "--set", "generation.max_new_tokens=16"]) == 0
+    results, summary = read_jsonl(out / "results.jsonl"), json.loads((out / "summary.json").read_text())
+    assert [r["task_id"] for r in results] == ["HumanEval/0", "HumanEval/2", "HumanEval/32"]  # the file's problems
+    plus_keys = {"plus_passed", "plus_reason", "plus_detail", "plus_seconds"}
+    assert all(set(r) == RESULT_KEYS | plus_keys for r in results)
+    assert all(r["plus_reason"] in REASONS and r["plus_seconds"] > 0 for r in results)
+    assert all(r["plus_passed"] == (r["passed"] and r["plus_reason"] == "passed") for r in results)
+    c = summary["counts"]
+    assert summary["pass@1"] == c["passed"] / 3 and summary["pass@1_plus"] == c["plus"]["passed"] / 3
+    assert sum(c["plus"]["by_reason"].values()) == 3 and "EvalPlus" in summary["benchmark_source"]
+    assert summary["config"]["benchmark"]["plus_timeout_s"] == 60.0

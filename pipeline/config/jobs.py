@@ -160,8 +160,15 @@ class BenchmarkConfig:
     limit: int | None = Field(default=None, ge=1)
     """Evaluate only the first N problems (in task order)."""
     plus_path: str | None = None
-    """EvalPlus extra tests (HumanEval+/MBPP+ JSONL) by path: the hook for base+plus scores. Not
-    implemented yet: setting it is refused rather than silently scoring the base tests only."""
+    """EvalPlus' release file for `name` (HumanEvalPlus.jsonl / MbppPlus.jsonl, optionally .gz; local or
+    s3://): its problems, scored EvalPlus' way, base and base + extra tests (pipeline/evaluate/plus.py)."""
+    plus_timeout_s: float = Field(default=60.0, gt=0.0)
+    """With `plus_path`: wall-clock limit of each test-suite program (EvalPlus' per-task cap is 60 s);
+    replaces `sandbox.timeout_s` there, as the suites run thousands of inputs."""
+    plus_min_time_limit_s: float = Field(default=1.0, gt=0.0)
+    """With `plus_path`: per-input time limit = max(this, factor x the canonical solution's time)."""
+    plus_time_limit_factor: float = Field(default=4.0, gt=0.0)
+    """With `plus_path`: the factor of that rule (EvalPlus' defaults: 1.0 s and 4.0)."""
 
 
 @dataclass(config=_STRICT)
@@ -201,8 +208,6 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check_engine_gpus(self.model, self.compute)
-        if self.benchmark.plus_path is not None:
-            raise ValueError("benchmark.plus_path: EvalPlus extra tests are not supported yet (base tests only)")
 
 
 @dataclass(config=_STRICT)
@@ -217,3 +222,8 @@ class LoopConfig:
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     """Each step's own config; its `output` (and train's `data.generated`, evaluate's model path and
     benchmark name) are set by the loop."""
+
+    def __post_init__(self) -> None:
+        if self.evaluate.benchmark.plus_path is not None and len(self.benchmarks) != 1:
+            raise ValueError("evaluate.benchmark.plus_path: one EvalPlus file holds one benchmark; set `benchmarks` "
+                             "to that one")

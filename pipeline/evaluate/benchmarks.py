@@ -48,6 +48,7 @@ class Problem:
     entry_point: str  # HumanEval: the function under test; MBPP: the function the first test calls
     test: str  # code run after the solution; it raises if the solution is wrong
     reference: str  # the benchmark's own solution, as a completion (tests: must pass)
+    plus_test: str = ""  # EvalPlus' extra tests (plus.py), run as a second program; "" = none
 
     def to_row(self) -> dict[str, str]:
         return asdict(self)

@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,6 +25,7 @@ import ray
 from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
 from pipeline.engines import Engine, SamplingSpec, create_engine, each_or_alone, restart_actor_if_engine_dead
 from pipeline.evaluate import benchmarks
+from pipeline.evaluate.plus import load_plus_problems
 from pipeline.evaluate.sandbox import Outcome, run_program
 from pipeline.io import OutputDir
 from pipeline.manifest import versions
@@ -37,8 +38,10 @@ RESULT_SCHEMA = pa.schema([
     ("index", pa.int64()), ("task_id", pa.string()), ("completion", pa.string()), ("generation_s", pa.float64()),
     ("engine_load_s", pa.float64()), ("prompt_format", pa.string()), ("solution", pa.string()),
     ("passed", pa.bool_()), ("reason", pa.string()), ("detail", pa.string()), ("seconds", pa.float64()),
-    ("isolation", pa.string()),
+    ("isolation", pa.string()), ("plus_passed", pa.bool_()), ("plus_reason", pa.string()),
+    ("plus_detail", pa.string()), ("plus_seconds", pa.float64()),
 ])
+PLUS_KEYS = ("plus_passed", "plus_reason", "plus_detail", "plus_seconds")
 
 
 class Completer:
@@ -90,16 +93,22 @@ class Completer:
 
 
 def execute(batch: pa.Table, sandbox: SandboxConfig) -> pa.Table:
-    """Ray task: build each problem's program and run it in the sandbox, one after the other."""
+    """Ray task: build each problem's program(s) and run them in the sandbox, one after the other. With
+    EvalPlus tests, the plus suite is a second program, and plus passes only if base passes too."""
     rows = []
     for row in batch.to_pylist():
         code = benchmarks.solution(row, row["completion"])
         if row["generation_error"]:  # nothing was generated: nothing to run
             reason, _, detail = row["generation_error"].partition(": ")
-            outcome = Outcome(False, reason, detail, 0.0, "none")
+            outcome = plus = Outcome(False, reason, detail, 0.0, "none")
         else:
             outcome = run_program(benchmarks.program(row, code), sandbox)
-        rows.append({**{k: row[k] for k in _KEPT}, "solution": code, **asdict(outcome)})
+            plus = run_program(f"{code.rstrip()}\n\n\n{row['plus_test']}", sandbox) if row["plus_test"] else None
+        result = {**{k: row[k] for k in _KEPT}, "solution": code, **asdict(outcome)}
+        if row["plus_test"]:
+            result.update(plus_passed=outcome.passed and plus.passed, plus_reason=plus.reason,
+                          plus_detail=plus.detail, plus_seconds=plus.seconds)
+        rows.append(result)
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
@@ -107,11 +116,16 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     """Run the job; returns the summary that it also writes to `output/summary.json`."""
     from pipeline.generate import actor_pool, start_ray  # the same Ray start-up and engine actors as generate
 
+    evalplus = cfg.benchmark.plus_path is not None
+    if evalplus:  # EvalPlus' problems and test suites, which run longer than a few asserts
+        problems = load_plus_problems(cfg.benchmark)
+        sandbox = replace(cfg.sandbox, timeout_s=cfg.benchmark.plus_timeout_s)
+    else:
+        problems, sandbox = benchmarks.load_problems(cfg.benchmark.name, cfg.benchmark.limit), cfg.sandbox
     out = OutputDir(cfg.output)
     if out.exists("summary.json") and not overwrite:
         raise ConfigError(f"output {out.uri} already holds an evaluation (summary.json); use a new --output "
                           f"or --overwrite")
-    problems = benchmarks.load_problems(cfg.benchmark.name, cfg.benchmark.limit)
     start_ray(cfg.compute.ray_address, verbose)
     started_at = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
@@ -122,7 +136,7 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
         Completer, fn_constructor_kwargs={"cfg": cfg}, batch_size=c.batch_size,
         num_gpus=c.num_gpus_per_actor, num_cpus=c.num_cpus_per_actor, batch_format="pyarrow", **actor_pool(cfg),
     ).map_batches(
-        execute, fn_kwargs={"sandbox": cfg.sandbox}, batch_size=c.batch_size, num_cpus=1, batch_format="pyarrow",
+        execute, fn_kwargs={"sandbox": sandbox}, batch_size=c.batch_size, num_cpus=1, batch_format="pyarrow",
     ).take_all()
     wall = time.perf_counter() - t0
     rows = sorted(results, key=lambda r: r["index"])
@@ -130,9 +144,9 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
         raise RuntimeError(f"evaluate: {len(rows)} results for {len(problems)} problems")
 
     _write_jsonl(out, "samples.jsonl", [{"task_id": r["task_id"], "solution": r["solution"]} for r in rows])
-    _write_jsonl(out, "results.jsonl", [
-        {k: r[k] for k in ("task_id", "passed", "reason", "detail", "seconds", "isolation", "completion",
-                           "generation_s")} for r in rows])
+    keys = ("task_id", "passed", "reason", "detail", "seconds", "isolation", "completion", "generation_s",
+            *(PLUS_KEYS if evalplus else ()))
+    _write_jsonl(out, "results.jsonl", [{k: r[k] for k in keys} for r in rows])
     result = summarize(cfg, rows, wall, started_at)
     out.write_json("summary.json", result)
     return result
@@ -141,10 +155,13 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
 def summarize(cfg: EvaluateConfig, rows: list[dict[str, Any]], wall: float, started_at: str) -> dict[str, Any]:
     passed = sum(r["passed"] for r in rows)
     formats = sorted({r["prompt_format"] for r in rows})
-    return {
+    evalplus = cfg.benchmark.plus_path is not None
+    summary = {
         "job": "evaluate",
         "benchmark": cfg.benchmark.name,
-        "benchmark_source": benchmarks.SOURCES[cfg.benchmark.name],
+        "benchmark_source": (f"EvalPlus {cfg.benchmark.plus_path}: base = outputs on base_input equal the "
+                             f"canonical solution's; plus = base and the same on plus_input") if evalplus
+        else benchmarks.SOURCES[cfg.benchmark.name],
         "model": cfg.model.path,
         "engine": cfg.model.engine,
         "prompt_format": formats[0] if len(formats) == 1 else formats,
@@ -165,6 +182,12 @@ def summarize(cfg: EvaluateConfig, rows: list[dict[str, Any]], wall: float, star
         "versions": versions(),
         "files": list(FILES),
     }
+    if evalplus:  # EvalPlus' "base + extra tests" score
+        plus = sum(r["plus_passed"] for r in rows)
+        summary["pass@1_plus"] = plus / len(rows) if rows else None
+        summary["counts"]["plus"] = {"passed": plus, "failed": len(rows) - plus,
+                                     "by_reason": dict(sorted(Counter(r["plus_reason"] for r in rows).items()))}
+    return summary
 
 
 def _write_jsonl(out: OutputDir, name: str, rows: list[dict[str, Any]]) -> None:

@@ -96,6 +96,8 @@ def main() -> None:
         os.write(status, memory_error)  # there may be no memory left to format anything
     except AssertionError as err:
         _report(status, "assertion", err)
+    except TimeoutError as err:  # a per-test time limit of the program's own (EvalPlus suites) ran out
+        _report(status, "timeout", err)
     except SystemExit as err:  # exit() before the tests finished is not a pass, whatever its code
         _report(status, "exit", f"SystemExit({err.code!r})")
     except BaseException as err:  # noqa: BLE001 - any other failure of the program is its result
