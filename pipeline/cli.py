@@ -39,6 +39,7 @@ EVALUATE_FLAGS = {
     "model": "model.path",
     "benchmark": "benchmark.name",
     "limit": "benchmark.limit",
+    "plus_path": "benchmark.plus_path",
     "engine": "model.engine",
     "output": "output",
 }
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", metavar="PATH_OR_ID", help="HF folder or hub id; 'embedded' = SmolLM2-135M-Instruct")
     ev.add_argument("--benchmark", choices=["humaneval", "mbpp"])
     ev.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N problems")
+    ev.add_argument("--plus-path", metavar="PATH", help="EvalPlus' HumanEvalPlus/MbppPlus .jsonl[.gz]: its problems, "
+                                                        "scored base and base + extra tests (pass@1_plus)")
     ev.add_argument("--engine", choices=["vllm", "transformers"])
     ev.add_argument("--output", metavar="DIR", help="output folder (local or s3://...)")
     _add_common(ev)
@@ -220,7 +223,9 @@ def run_evaluate(cfg: EvaluateConfig, args: argparse.Namespace) -> int:
     s = evaluate(cfg, overwrite=args.overwrite, verbose=args.verbose)
     c = s["counts"]
     print(f"{s['benchmark']} pass@1 = {s['pass@1']:.4f} ({c['passed']}/{c['problems']}) in {s['seconds']['wall']:.0f}s; "
-          f"by reason {json.dumps(c['by_reason'])}; sandbox {'+'.join(s['sandbox_isolation'])}\n"
+          f"by reason {json.dumps(c['by_reason'])}; sandbox {'+'.join(s['sandbox_isolation'])}\n" +
+          (f"{s['benchmark']}+ pass@1 = {s['pass@1_plus']:.4f} ({c['plus']['passed']}/{c['problems']}) "
+           f"(EvalPlus' base + extra tests)\n" if "pass@1_plus" in s else "") +
           f"outputs in {cfg.output}: samples.jsonl results.jsonl summary.json")
     return 0
 

@@ -30,6 +30,10 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     from pipeline.generate import generate
     from pipeline.train.trainer import train
 
+    if cfg.evaluate.benchmark.plus_path is not None:  # a bad EvalPlus file fails now, not after training
+        from pipeline.evaluate.plus import load_plus_problems
+
+        load_plus_problems(replace(cfg.evaluate.benchmark, name=cfg.benchmarks[0]))
     out = OutputDir(cfg.output)
     seconds: dict[str, float] = {}
 
@@ -69,9 +73,8 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
         "train": {"steps": trained["steps"], "phases": trained["phases"], "loss": trained["loss"],
                   "throughput": trained["throughput"], "model": models["tuned"],
                   "report": trained["outputs"]["report"]},
-        "evaluate": {bench: {name: {"pass@1": s["pass@1"], "passed": s["counts"]["passed"],
-                                    "problems": s["counts"]["problems"], "output": out.sub(f"eval-{name}-{bench}")}
-                             for name, s in per.items()} for bench, per in scores.items()},
+        "evaluate": {bench: {name: _scores(s, out.sub(f"eval-{name}-{bench}")) for name, s in per.items()}
+                     for bench, per in scores.items()},
         "seconds": seconds,
     }
     out.write_json("manifest.json", manifest)
@@ -79,13 +82,23 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     return manifest
 
 
+def _scores(summary: dict[str, Any], output: str) -> dict[str, Any]:
+    c = summary["counts"]
+    scores = {"pass@1": summary["pass@1"], "passed": c["passed"], "problems": c["problems"], "output": output}
+    if "pass@1_plus" in summary:  # EvalPlus' base + extra tests
+        scores.update({"pass@1_plus": summary["pass@1_plus"], "passed_plus": c["plus"]["passed"]})
+    return scores
+
+
 def before_after_rows(manifest: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(benchmark, base pass@1, tuned pass@1, problems) per benchmark."""
+    """(benchmark, base pass@1, tuned pass@1, problems) per benchmark; `NAME+` rows for EvalPlus scores."""
     rows = []
     for bench, per in manifest["evaluate"].items():
         base, tuned = per["base"], per["tuned"]
-        rows.append((bench, f"{base['pass@1']:.3f} ({base['passed']}/{base['problems']})",
-                     f"{tuned['pass@1']:.3f} ({tuned['passed']}/{tuned['problems']})", str(base["problems"])))
+        for suffix in ("", "_plus") if "pass@1_plus" in base else ("",):
+            rows.append((bench + suffix.replace("_plus", "+"),
+                         *(f"{s['pass@1' + suffix]:.3f} ({s['passed' + suffix]}/{s['problems']})" for s in (base, tuned)),
+                         str(base["problems"])))
     return rows
 
 

@@ -1,0 +1,40 @@
+"""The loop's own logic (the whole loop runs for real in tests/test_demo.py): its report and early checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, LoopConfig, load_config
+from pipeline.loop import _scores, before_after_rows, render_report, run_loop
+
+
+def summary(passed: int, plus: int | None = None) -> dict:
+    s = {"pass@1": passed / 4, "counts": {"passed": passed, "problems": 4}}
+    if plus is not None:
+        s["pass@1_plus"], s["counts"]["plus"] = plus / 4, {"passed": plus}
+    return s
+
+
+def manifest(evaluate: dict) -> dict:
+    return {"generate": {"counts": {"input": 8, "snippets": 6, "candidates": 60, "selected": 5, "rejected": 3}},
+            "train": {"steps": 2, "phases": ["generated", "original"], "loss": {"first": 1.0, "last": 0.5},
+                      "throughput": {"tokens_per_s": 100.0}, "report": "r.md", "model": "m"},
+            "evaluate": evaluate, "seconds": {"generate": 1.0}}
+
+
+def test_before_after_table_has_an_evalplus_row_when_there_are_plus_scores():
+    m = manifest({"humaneval": {"base": _scores(summary(1, 0), "b"), "tuned": _scores(summary(2, 1), "t")},
+                  "mbpp": {"base": _scores(summary(0), "b"), "tuned": _scores(summary(3), "t")}})
+    assert before_after_rows(m) == [("humaneval", "0.250 (1/4)", "0.500 (2/4)", "4"),
+                                    ("humaneval+", "0.000 (0/4)", "0.250 (1/4)", "4"),
+                                    ("mbpp", "0.000 (0/4)", "0.750 (3/4)", "4")]
+    assert "| humaneval+ | 0.000 (0/4) | 0.250 (1/4) | 4 |" in render_report(m)
+
+
+def test_a_bad_evalplus_file_fails_before_generate(tmp_path):
+    cfg = load_config(overrides={"output": str(tmp_path / "loop"),
+                                 "evaluate.benchmark.plus_path": str(tmp_path / "HumanEvalPlus.jsonl")},
+                      schema=LoopConfig)
+    with pytest.raises(ConfigError, match="benchmark.plus_path: cannot read"):
+        run_loop(cfg)
+    assert not (tmp_path / "loop").exists()
