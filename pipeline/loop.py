@@ -96,9 +96,8 @@ def before_after_rows(manifest: dict[str, Any]) -> list[tuple[str, str, str, str
     for bench, per in manifest["evaluate"].items():
         base, tuned = per["base"], per["tuned"]
         for suffix in ("", "_plus") if "pass@1_plus" in base else ("",):
-            rows.append((bench + suffix.replace("_plus", "+"),
-                         *(f"{s['pass@1' + suffix]:.3f} ({s['passed' + suffix]}/{s['problems']})" for s in (base, tuned)),
-                         str(base["problems"])))
+            cells = [f"{s['pass@1' + suffix]:.3f} ({s['passed' + suffix]}/{s['problems']})" for s in (base, tuned)]
+            rows.append((bench + ("+" if suffix else ""), *cells, str(base["problems"])))
     return rows
 
 

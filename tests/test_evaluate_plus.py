@@ -89,7 +89,8 @@ def test_mbpp_plus_inputs_are_tuples_again_and_outputs_compare_as_sets(evalplus_
 
 def test_mbpp_deserialization_follows_evalplus():
     assert mbpp_deserialize_inputs("Mbpp/124", [["1.5", "1+2j"]]) == [(1.5, 1 + 2j)]
-    assert mbpp_deserialize_inputs("Mbpp/115", [[[[1, 2], [], 3]]]) == [[[{1, 2}, {}, {}]]]  # as evalplus: {} unless a non-empty list
+    # as evalplus: an item that is not a non-empty list becomes {} (an empty dict, evalplus' spelling of "empty")
+    assert mbpp_deserialize_inputs("Mbpp/115", [[[[1, 2], [], 3]]]) == [[[{1, 2}, {}, {}]]]
     assert mbpp_deserialize_inputs("Mbpp/259", [[[[1, 2]], [[3]]]]) == [[((1, 2),), ((3,),)]]
     assert mbpp_deserialize_inputs("Mbpp/580", [[[1, [2, [3]]]]]) == [(((1, (2, (3,))),))]
     assert mbpp_deserialize_inputs("Mbpp/11", [["hello", "l"]]) == [["hello", "l"]]
@@ -124,7 +125,8 @@ def test_bad_files_are_config_errors_naming_the_field(tmp_path, evalplus_files):
     assert "cannot read" in error("humaneval", tmp_path / "missing.jsonl")
     assert "'Mbpp/2', not a HumanEval/* task" in error("humaneval", evalplus_files["mbpp"])
     (tmp_path / "partial.jsonl").write_text(json.dumps({"task_id": "HumanEval/0", "prompt": "def f():\n"}) + "\n")
-    assert "lacks entry_point, canonical_solution, base_input, plus_input" in error("humaneval", tmp_path / "partial.jsonl")
+    missing = "lacks entry_point, canonical_solution, base_input, plus_input"
+    assert missing in error("humaneval", tmp_path / "partial.jsonl")
     (tmp_path / "broken.jsonl").write_text('{"task_id": \n')
     assert "line 1 is not JSON" in error("humaneval", tmp_path / "broken.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
