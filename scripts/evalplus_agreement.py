@@ -15,30 +15,24 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from conftest import write_evalplus_files  # noqa: E402
-from pipeline.config import BenchmarkConfig, SandboxConfig
-from pipeline.evaluate import benchmarks
-from pipeline.evaluate.plus import load_plus_problems, mbpp_deserialize_inputs as ours_deser, read_tasks
-from pipeline.evaluate.sandbox import run_program
-from evalplus.eval import untrusted_check
-from evalplus.gen.util import trusted_exec
-from evalplus.data.mbpp import mbpp_deserialize_inputs as their_deser
-from evalplus.eval._special_oracle import MBPP_OUTPUT_NOT_NONE_TASKS
+sys.path.insert(0, str(REPO))
+from pipeline.config import BenchmarkConfig, SandboxConfig  # noqa: E402
+from pipeline.evaluate import benchmarks  # noqa: E402
+from pipeline.evaluate.plus import load_plus_problems, mbpp_deserialize_inputs as ours_deser, read_tasks  # noqa: E402
+from pipeline.evaluate.sandbox import run_program  # noqa: E402
+from tests.conftest import write_evalplus_files  # noqa: E402
+from tests.test_evaluate_plus import ADJACENT_ONLY, NEWTON, ROUNDED  # noqa: E402
 
-NEWTON = """
-    x = 10.0
-    for _ in range(200):
-        f = sum(c * x ** i for i, c in enumerate(xs))
-        d = sum(i * c * x ** (i - 1) for i, c in enumerate(xs) if i)
-        x -= f / d
-    return x
-"""
+from evalplus.data.mbpp import mbpp_deserialize_inputs as their_deser  # noqa: E402
+from evalplus.eval import untrusted_check  # noqa: E402
+from evalplus.eval._special_oracle import MBPP_OUTPUT_NOT_NONE_TASKS  # noqa: E402
+from evalplus.gen.util import trusted_exec  # noqa: E402
+
 CANDIDATES = {  # besides each problem's canonical solution
     "HumanEval/0": ["", "    return False\n", "    return True\n",
-                    "    return any(abs(a - b) < threshold for a, b in zip(numbers, numbers[1:]))\n",
+                    ADJACENT_ONLY,
                     "    return any(abs(a - b) <= threshold for i, a in enumerate(numbers) for b in numbers[i+1:])\n"],
-    "HumanEval/2": ["", "    return round(number % 1.0, 3)\n", "    return number - int(number)\n",
+    "HumanEval/2": ["", ROUNDED, "    return number - int(number)\n",
                     "    return int(number)\n", "    return float(str(number)[str(number).index('.'):])\n"],
     "HumanEval/32": ["", "    return 0.0\n", NEWTON],
     "Mbpp/2": ["def similar_elements(a, b):\n    return tuple(set(a) | set(b))\n",
