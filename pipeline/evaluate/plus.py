@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import BenchmarkConfig, ConfigError
 from pipeline.evaluate.benchmarks import Problem
+from pipeline.io import as_uri
 from pipeline.prompts import EVAL_ANSWER_START
 
 HARNESS_SOURCE = (Path(__file__).resolve().parent / "plus_harness.py").read_text(encoding="utf-8")
@@ -49,8 +50,7 @@ def load_plus_problems(cfg: BenchmarkConfig) -> list[Problem]:
 
 
 def read_tasks(path: str) -> list[dict[str, Any]]:
-    uri = path if "://" in path else str(Path(path).resolve())
-    fs, file_path = pafs.FileSystem.from_uri(uri)
+    fs, file_path = pafs.FileSystem.from_uri(as_uri(path))
     try:
         with fs.open_input_stream(file_path) as f:  # .gz is decompressed by its suffix
             text = f.read().decode("utf-8")

@@ -103,7 +103,7 @@ def execute(batch: pa.Table, sandbox: SandboxConfig) -> pa.Table:
             outcome = plus = Outcome(False, reason, detail, 0.0, "none")
         else:
             outcome = run_program(benchmarks.program(row, code), sandbox)
-            plus = run_program(f"{code.rstrip()}\n\n\n{row['plus_test']}", sandbox) if row["plus_test"] else None
+            plus = run_program(benchmarks.program(row, code, "plus_test"), sandbox) if row["plus_test"] else None
         result = {**{k: row[k] for k in _KEPT}, "solution": code, **asdict(outcome)}
         if row["plus_test"]:
             result.update(plus_passed=outcome.passed and plus.passed, plus_reason=plus.reason,
