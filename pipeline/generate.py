@@ -28,6 +28,7 @@ from ray.data import ActorPoolStrategy, SaveMode
 
 from pipeline import manifest
 from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig, fingerprint
+from pipeline.crash_isolation import CrashLedger, start_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, read_corpus
@@ -171,24 +172,30 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     total = snippets.count()
     todo = snippets.filter(lambda r: r["id"] not in done) if done else snippets
     c = cfg.compute
+    crashes = CrashLedger().summary()  # all zeros when nothing runs
     if total - len(done) > 0:
-        # Blocks of one batch each: every finished batch is written as its own file at once, which is
-        # the unit of resume (otherwise a whole input block's results wait in memory until it is done).
-        todo = todo.repartition(target_num_rows_per_block=c.batch_size)
-        todo.map_batches(
-            InverseInstruct,
-            fn_constructor_kwargs={"cfg": cfg},
-            batch_size=c.batch_size,
-            num_gpus=c.num_gpus_per_actor,
-            num_cpus=c.num_cpus_per_actor,
-            batch_format="pyarrow",
-            **actor_pool(cfg),
-        ).write_parquet(out.sub("_work/scored"), mode=SaveMode.APPEND)
+        ledger = start_ledger()  # finds and rejects a snippet that kills every engine it reaches
+        try:
+            # Blocks of one batch each: every finished batch is written as its own file at once, which is
+            # the unit of resume (otherwise a whole input block's results wait in memory until it is done).
+            todo = todo.repartition(target_num_rows_per_block=c.batch_size)
+            todo.map_batches(
+                InverseInstruct,
+                fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger},
+                batch_size=c.batch_size,
+                num_gpus=c.num_gpus_per_actor,
+                num_cpus=c.num_cpus_per_actor,
+                batch_format="pyarrow",
+                **actor_pool(cfg),
+            ).write_parquet(out.sub("_work/scored"), mode=SaveMode.APPEND)
+            crashes = ray.get(ledger.summary.remote())
+        finally:
+            ray.kill(ledger)
     out.ensure_parquet("_work/scored", SCORED_SCHEMA)
     scored_ids = out.read_ids("_work/scored")
     if len(scored_ids) != total:
         raise RuntimeError(f"inverse: {total - len(scored_ids)} of {total} snippets were not scored")
-    return {"snippets": total, "resumed_from": len(done), "scored_now": total - len(done)}
+    return {"snippets": total, "resumed_from": len(done), "scored_now": total - len(done), "engine_crashes": crashes}
 
 
 def actor_pool(cfg: GenerateConfig | EvaluateConfig) -> dict[str, Any]:

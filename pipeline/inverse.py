@@ -7,7 +7,9 @@ load would only waste a GPU). For each batch it:
   3. builds K judge prompts per snippet, which share the code (prefix cache), and reads the first token's
      Yes/No log-probabilities, giving the score P(Yes) / (P(Yes) + P(No)).
 It returns ONE row per snippet (all K candidates and scores, or the reason it failed), so a snippet is
-either wholly done or not done: that is what makes resuming exact.
+either wholly done or not done: that is what makes resuming exact. In a run, a batch that comes back after
+its actor died goes through `pipeline/crash_isolation.py`, which finds and rejects a snippet that kills
+every engine it reaches.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config import GenerateConfig
+from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation
 from pipeline.engines import (Engine, EngineDead, SamplingSpec, create_engine, each_or_alone,
                               restart_actor_if_engine_dead, yes_probability)
 from pipeline.models import resolve_model_path
@@ -41,8 +44,10 @@ SCORED_SCHEMA = pa.schema([
 class InverseInstruct:
     """Callable class for `ray.data.Dataset.map_batches`: snippets in, one scored row per snippet out."""
 
-    def __init__(self, cfg: GenerateConfig, engine: Engine | None = None) -> None:
-        # `engine` lets a caller share an already loaded engine (tests, notebooks); Ray passes only cfg.
+    def __init__(self, cfg: GenerateConfig, engine: Engine | None = None, crash_ledger: Any = None) -> None:
+        # `engine` lets a caller share an already loaded engine (tests, notebooks). In a run, Ray passes
+        # cfg and the stage's crash ledger (see pipeline/crash_isolation.py).
+        self.isolation = CrashIsolation(crash_ledger) if crash_ledger is not None else None
         self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
         tokenizer = self.engine.tokenizer
         self.prompts = PromptBuilder(tokenizer, cfg.model.prompt_format, cfg.judge.code_first)
@@ -66,6 +71,17 @@ class InverseInstruct:
 
     @restart_actor_if_engine_dead
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.isolation is None:
+            return self._score(batch)
+        return self.isolation.run(batch, self._score, self._rejected)
+
+    def _rejected(self, batch: pa.Table, details: list[str]) -> pa.Table:
+        """Rows for snippets that are not run again: they killed the engine."""
+        n = batch.num_rows
+        return _scored_table(batch, {"instructions": [[]] * n, "scores": [[]] * n,
+                                     "reason": [CRASH_REASON] * n, "detail": details})
+
+    def _score(self, batch: pa.Table) -> pa.Table:
         ids, codes, langs = (batch.column(c).to_pylist() for c in ("id", "code", "lang"))
         out: dict[str, list] = {"instructions": [[] for _ in ids], "scores": [[] for _ in ids],
                                 "reason": [None] * len(ids), "detail": [None] * len(ids)}
@@ -120,8 +136,7 @@ class InverseInstruct:
             if not found and out["reason"][row] is None:
                 out["reason"][row] = "prompt too long"
                 out["detail"][row] = f"no judge prompt fits model.max_model_len={self.max_len}"
-        passed = {c: batch.column(c) for c in ("id", "source", "source_index", "code", "lang")}
-        return pa.table({**passed, **out}, schema=SCORED_SCHEMA)
+        return _scored_table(batch, out)
 
     def _step_by_step(self, prompts, seeds, todo, judge_prompts, out) -> dict[tuple[int, int], np.ndarray]:
         """Summarize the whole batch, then judge it: for engines without `sample_and_judge`, and the
@@ -142,6 +157,12 @@ class InverseInstruct:
     def _seed(self, snippet_id: str) -> int:
         """Per-snippet sampling seed: reruns and resumed runs draw the same candidates."""
         return int(hashlib.sha256(f"{self.seed}:{snippet_id}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def _scored_table(batch: pa.Table, out: dict[str, list]) -> pa.Table:
+    """The batch's snippet columns next to what step 2-3 made of them (`out`: instructions ... detail)."""
+    passed = {c: batch.column(c) for c in ("id", "source", "source_index", "code", "lang")}
+    return pa.table({**passed, **out}, schema=SCORED_SCHEMA)
 
 
 def _reject_into(out: dict[str, list], row_of: Callable[[int], int] = lambda i: i) -> Callable[[int, Exception], None]:

@@ -43,6 +43,8 @@ def build(cfg: GenerateConfig, stages: dict[str, dict[str, Any]]) -> dict[str, A
         # The invariant: every input row ends in exactly one of selected/ or rejected/.
         "all_rows_accounted_for": counts["input"] == counts["selected"] + counts["rejected"],
         "ties": sel["ties"],
+        # Engine actors that died during `inverse` (see pipeline/crash_isolation.py); absent in older markers.
+        "engine_crashes": inv.get("engine_crashes", {}),
         "resume": {"inverse_snippets_resumed": inv["resumed_from"], "inverse_snippets_scored_now": inv["scored_now"]},
         "seconds": {stage: info["seconds"] for stage, info in stages.items()},
         "stages": stages,

@@ -141,8 +141,8 @@ class ComputeConfig:
     Same results either way; it changes only the speed."""
     max_actor_restarts: int = Field(default=3, ge=-1)
     """Times Ray restarts an engine actor whose engine died (a crash, the OOM killer) and retries its
-    batches on the fresh engine; one more death fails the job. -1 = no limit (a batch that kills every
-    engine would then retry forever)."""
+    batches on the fresh engine; one more death fails the job. -1 = no limit. A snippet that kills every
+    engine it reaches costs two restarts and is then rejected (see pipeline/crash_isolation.py)."""
     ray_address: str | None = None
     """`auto` or `ray://...` to join a cluster; None starts (or reuses) a local one."""
 

@@ -1,0 +1,176 @@
+"""Find the snippet that kills the engine, reject it, and let the rest of the run go on.
+
+An engine that dies (a CUDA error on one odd prompt, a segfault in a kernel) takes its actor down; Ray
+restarts the actor and retries the batches it held (`restart_actor_if_engine_dead`). If one snippet kills
+every engine it reaches, that alone would use up `compute.max_actor_restarts` and fail the whole job. So:
+
+- A `CrashLedger` (one small Ray actor per `inverse` stage) knows which snippets each actor process has in
+  its engine. A snippet that is handed out again while still marked in flight in another process was in
+  that process when it died: the ledger notes the crash and how many snippets were in flight with it.
+- An actor asks the ledger before a batch: snippets never in a crash run as usual, together; a snippet
+  that was in a crash runs again ALONE (no other batch of that actor in its engine meanwhile); a snippet
+  that has been in two crashes, the last one alone in its engine, is rejected ("engine crash") without
+  another try.
+
+One poisonous snippet costs two actor restarts. The price of a crash that no snippet caused (a spot node
+taken back, the OOM killer) is that the snippets in flight run again one at a time, slower but with the
+same results; only a second unrelated crash during exactly one of those solo runs would reject a good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+REASON = "engine crash"
+
+
+def convicted(crash_sizes: list[int]) -> bool:
+    """Given the snippets in flight at each crash a snippet was in: did it kill the engine by itself?
+    One crash alone is not enough: the OOM killer may strike a batch of one."""
+    return len(crash_sizes) >= 2 and crash_sizes[-1] == 1
+
+
+class CrashLedger:
+    """Plain bookkeeping (a Ray actor in a run, see `start_ledger`); every method is cheap."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[str, set[str]] = {}  # process -> snippet ids in its engine (frozen once it dies)
+        self.holder: dict[str, str] = {}  # snippet id -> the process it is in flight in
+        self.crashes: dict[str, list[int]] = {}  # snippet id -> snippets in flight at each crash it was in
+        self.dead: set[str] = set()
+        self.rejected: set[str] = set()
+
+    def examine(self, ids: list[str]) -> dict[str, list[int]]:
+        """The crash history of each snippet about to run. A snippet still in flight elsewhere is being
+        retried: Ray Data hands a batch out again only after the actor holding it died."""
+        for i in ids:
+            process = self.holder.pop(i, None)
+            if process is not None:
+                self.dead.add(process)
+                self.crashes.setdefault(i, []).append(len(self.in_flight[process]))
+        history = {i: self.crashes[i] for i in ids if i in self.crashes}
+        self.rejected.update(i for i, sizes in history.items() if convicted(sizes))
+        return history
+
+    def begin(self, process: str, ids: list[str]) -> None:
+        self.in_flight.setdefault(process, set()).update(ids)
+        self.holder.update((i, process) for i in ids)
+
+    def end(self, process: str, ids: list[str]) -> None:
+        for i in ids:
+            self.in_flight.get(process, set()).discard(i)
+            if self.holder.get(i) == process:
+                del self.holder[i]
+
+    def summary(self) -> dict[str, int]:
+        """For the run manifest."""
+        return {"actor_deaths": len(self.dead), "snippets_in_flight_at_deaths": len(self.crashes),
+                "snippets_rejected": len(self.rejected)}
+
+
+def start_ledger() -> Any:
+    """The ledger as a Ray actor owned by the driver (it ends with the job). No CPU reserved: it only
+    answers a few calls per batch. Restarted if its node goes; it then starts with an empty ledger."""
+    import ray
+
+    return ray.remote(CrashLedger).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote()
+
+
+class EngineTurns:
+    """Who may have work in the actor's engine: any number of shared turns (ordinary batches) or one
+    exclusive turn (a snippet that was in a crash). A waiting exclusive turn goes before new shared ones."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+Score = Callable[[pa.Table], pa.Table]
+Reject = Callable[[pa.Table, list[str]], pa.Table]  # (rows, detail per row) -> output rows with REASON
+
+
+class CrashIsolation:
+    """One per engine actor: runs its batches through the ledger as described above."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+        self.process = uuid.uuid4().hex  # a restarted actor is a new process with a new id
+        self.turns = EngineTurns()
+
+    def run(self, batch: pa.Table, score: Score, reject: Reject) -> pa.Table:
+        ids = batch.column("id").to_pylist()
+        history = self._ask("examine", ids) or {}
+        guilty = [r for r, i in enumerate(ids) if convicted(history.get(i, []))]
+        suspects = [r for r, i in enumerate(ids) if i in history and r not in guilty]
+        ordinary = [r for r, i in enumerate(ids) if i not in history]
+        if history:
+            log.warning("%d snippet(s) of this batch were in an engine that died: %d run alone, %d rejected",
+                        len(history), len(suspects), len(guilty))
+        parts: list[tuple[list[int], pa.Table]] = []
+        if guilty:
+            details = [f"the engine died {len(history[ids[r]])} times with this snippet in flight, the last "
+                       "time with no other snippet; not tried again" for r in guilty]
+            parts.append((guilty, reject(batch.take(guilty), details)))
+        if ordinary:
+            parts.append((ordinary, self._turn(batch, ordinary, score, self.turns.shared)))
+        for r in suspects:
+            parts.append(([r], self._turn(batch, [r], score, self.turns.exclusive)))
+        rows = [r for part_rows, _ in parts for r in part_rows]
+        table = pa.concat_tables([t for _, t in parts])
+        return table.take(sorted(range(len(rows)), key=rows.__getitem__))  # the batch's order
+
+    def _turn(self, batch: pa.Table, rows: list[int], score: Score,
+              turn: Callable[[], contextlib.AbstractContextManager]) -> pa.Table:
+        part = batch.take(rows)
+        ids = part.column("id").to_pylist()
+        with turn():
+            self._ask("begin", self.process, ids)
+            out = score(part)
+            self._ask("end", self.process, ids)
+        return out
+
+    def _ask(self, method: str, *args: Any) -> Any:
+        """Best effort: a ledger that cannot be reached costs only the isolation, never the batch."""
+        import ray
+
+        try:
+            return ray.get(getattr(self.ledger, method).remote(*args), timeout=60)
+        except Exception:  # noqa: BLE001
+            log.warning("crash ledger: %s failed; going on without it for this call", method, exc_info=True)
+            return None
