@@ -23,6 +23,7 @@ import pyarrow as pa
 from benchmarks.common import (K, SUMMARY_TOKENS_CAP, GpuMemory, build_model, emit, forced_length, load_snippets,
                                read_lengths)
 from pipeline.config import ComputeConfig
+from pipeline.crash_isolation import start_ledger
 from pipeline.generate import actor_pool
 from pipeline.inverse import InverseInstruct
 
@@ -30,9 +31,9 @@ from pipeline.inverse import InverseInstruct
 class TimedInverseInstruct(InverseInstruct):
     """The production actor plus timestamps; for random weights, summaries forced to a per-snippet length."""
 
-    def __init__(self, cfg, forced: dict[str, int] | None = None) -> None:
+    def __init__(self, cfg, forced: dict[str, int] | None = None, crash_ledger=None) -> None:
         t0 = time.time()
-        super().__init__(cfg)
+        super().__init__(cfg, crash_ledger=crash_ledger)
         self.init = (t0, time.time())
         if forced:
             self._force_lengths(forced)
@@ -100,7 +101,9 @@ def main() -> None:
     ds = ray.data.from_arrow(pa.Table.from_pylist(snippets)).repartition(
         target_num_rows_per_block=cfg.compute.batch_size)
     out = ds.map_batches(
-        TimedInverseInstruct, fn_constructor_kwargs={"cfg": cfg, "forced": forced}, batch_size=cfg.compute.batch_size,
+        TimedInverseInstruct, batch_size=cfg.compute.batch_size,
+        # with the crash ledger `generate` uses, so that its cost is in the numbers
+        fn_constructor_kwargs={"cfg": cfg, "forced": forced, "crash_ledger": start_ledger()},
         batch_format="pyarrow", num_gpus=cfg.compute.num_gpus_per_actor, num_cpus=1, **actor_pool(cfg),
     ).to_arrow_refs()
     table = pa.concat_tables(ray.get(out))
