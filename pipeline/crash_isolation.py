@@ -1,10 +1,12 @@
 """Find the snippet that kills the engine, reject it, and let the rest of the run go on.
 
+Used by both engine-actor jobs: `generate` (rows = snippets) and `evaluate` (rows = benchmark problems).
+
 An engine that dies (a CUDA error on one odd prompt, a segfault in a kernel) takes its actor down; Ray
 restarts the actor and retries the batches it held (`restart_actor_if_engine_dead`). If one snippet kills
 every engine it reaches, that alone would use up `compute.max_actor_restarts` and fail the whole job. So:
 
-- A `CrashLedger` (one small Ray actor per `inverse` stage) knows which snippets each actor process has in
+- A `CrashLedger` (one small Ray actor per job stage) knows which snippets each actor process has in
   its engine. A snippet that is handed out again while still marked in flight in another process was in
   that process when it died: the ledger notes the crash and how many snippets were in flight with it.
 - An actor asks the ledger before a batch: snippets never in a crash run as usual, together; a snippet
@@ -72,8 +74,8 @@ class CrashLedger:
 
     def summary(self) -> dict[str, int]:
         """For the run manifest."""
-        return {"actor_deaths": len(self.dead), "snippets_in_flight_at_deaths": len(self.crashes),
-                "snippets_rejected": len(self.rejected)}
+        return {"actor_deaths": len(self.dead), "in_flight_at_deaths": len(self.crashes),
+                "rejected": len(self.rejected)}
 
 
 def start_ledger() -> Any:
@@ -126,21 +128,22 @@ Reject = Callable[[pa.Table, list[str]], pa.Table]  # (rows, detail per row) -> 
 
 
 class CrashIsolation:
-    """One per engine actor: runs its batches through the ledger as described above."""
+    """One per engine actor: runs its batches through the ledger as described above. `id_column` names
+    each row uniquely within the run (snippets: `id`; benchmark problems: `task_id`)."""
 
-    def __init__(self, ledger: Any) -> None:
-        self.ledger = ledger
+    def __init__(self, ledger: Any, id_column: str = "id") -> None:
+        self.ledger, self.id_column = ledger, id_column
         self.process = uuid.uuid4().hex  # a restarted actor is a new process with a new id
         self.turns = EngineTurns()
 
     def run(self, batch: pa.Table, score: Score, reject: Reject) -> pa.Table:
-        ids = batch.column("id").to_pylist()
+        ids = batch.column(self.id_column).to_pylist()
         history = self._ask("examine", ids) or {}
         guilty = [r for r, i in enumerate(ids) if convicted(history.get(i, []))]
         suspects = [r for r, i in enumerate(ids) if i in history and r not in guilty]
         ordinary = [r for r, i in enumerate(ids) if i not in history]
         if history:
-            log.warning("%d snippet(s) of this batch were in an engine that died: %d run alone, %d rejected",
+            log.warning("%d row(s) of this batch were in an engine that died: %d run alone, %d rejected",
                         len(history), len(suspects), len(guilty))
         parts: list[tuple[list[int], pa.Table]] = []
         if guilty:
@@ -158,7 +161,7 @@ class CrashIsolation:
     def _turn(self, batch: pa.Table, rows: list[int], score: Score,
               turn: Callable[[], contextlib.AbstractContextManager]) -> pa.Table:
         part = batch.take(rows)
-        ids = part.column("id").to_pylist()
+        ids = part.column(self.id_column).to_pylist()
         with turn():
             self._ask("begin", self.process, ids)
             out = score(part)

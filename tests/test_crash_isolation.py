@@ -1,9 +1,9 @@
 """A snippet that kills every engine it reaches is found, rejected with its reason, and the run goes on.
 
 The ledger and the turns are checked as plain objects; `CrashIsolation` against a real ledger actor, with
-"death" played by a score function that raises before the batch ends; and `generate` end to end, where an
-actor process really exits (as a segfault in a kernel would end it) whenever a poisonous snippet reaches
-its engine, and Ray restarts it.
+"death" played by a score function that raises before the batch ends; and `generate` and `evaluate` end
+to end, where an actor process really exits (as a segfault in a kernel would end it) whenever a poisonous
+row reaches its engine, and Ray restarts it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_the_ledger_notes_a_crash_when_a_snippet_in_flight_is_handed_out_again()
     ledger.begin("p3", ["b"])
     ledger.end("p3", ["b"])  # run alone, finished
     assert ledger.examine(["b"]) == {"b": [2]}
-    assert ledger.summary() == {"actor_deaths": 2, "snippets_in_flight_at_deaths": 2, "snippets_rejected": 1}
+    assert ledger.summary() == {"actor_deaths": 2, "in_flight_at_deaths": 2, "rejected": 1}
 
 
 def test_one_crash_alone_is_not_enough_to_reject_a_snippet():
@@ -43,9 +43,9 @@ def test_one_crash_alone_is_not_enough_to_reject_a_snippet():
     ledger = CrashLedger()
     ledger.examine(["x"])
     ledger.begin("p1", ["x"])
-    assert ledger.examine(["x"]) == {"x": [1]} and ledger.summary()["snippets_rejected"] == 0
+    assert ledger.examine(["x"]) == {"x": [1]} and ledger.summary()["rejected"] == 0
     ledger.begin("p2", ["x"])
-    assert ledger.examine(["x"]) == {"x": [1, 1]} and ledger.summary()["snippets_rejected"] == 1
+    assert ledger.examine(["x"]) == {"x": [1, 1]} and ledger.summary()["rejected"] == 1
 
 
 def test_an_exclusive_turn_waits_for_shared_ones_and_goes_before_new_ones():
@@ -123,7 +123,7 @@ def test_isolation_runs_crash_suspects_alone_and_rejects_the_one_that_crashes_al
     CrashIsolation(ledger).run(_batch(["e", "f"]), score, reject)
     assert calls == [["e", "f"]]
     assert ray.get(ledger.summary.remote()) == {
-        "actor_deaths": 2, "snippets_in_flight_at_deaths": 4, "snippets_rejected": 1}
+        "actor_deaths": 2, "in_flight_at_deaths": 4, "rejected": 1}
 
 
 @pytest.mark.slow
@@ -151,8 +151,8 @@ def test_a_snippet_that_kills_every_engine_is_rejected_and_the_run_completes(
     manifest = generate(load_config(overrides=tiny_overrides(tiny_model, folder, out, **{"compute.batch_size": 8})))
 
     assert manifest["all_rows_accounted_for"]
-    assert manifest["engine_crashes"] == {"actor_deaths": 2, "snippets_in_flight_at_deaths": 8,
-                                          "snippets_rejected": 1}
+    assert manifest["engine_crashes"] == {"actor_deaths": 2, "in_flight_at_deaths": 8,
+                                          "rejected": 1}
     c = manifest["counts"]
     assert c["rejected_by_stage_and_reason"].get(f"inverse/{REASON}") == 1
     crashed = [r for r in read(out / "rejected", ["id"]) if r["reason"] == REASON]
@@ -160,3 +160,30 @@ def test_a_snippet_that_kills_every_engine_is_rejected_and_the_run_completes(
     scored = read(out / "_work" / "scored", ["id"])
     assert len(scored) == c["snippets"]
     assert all(len(r["scores"]) == 3 for r in scored if r["reason"] is None)
+
+
+@pytest.mark.slow
+def test_a_prompt_that_kills_every_engine_fails_its_problem_not_the_evaluation(
+        ray_local, tiny_model, tmp_path, monkeypatch):
+    import pipeline.evaluate.run
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluate.run import Completer, evaluate
+
+    class PoisonedEngine(Completer):  # defined here: Ray pickles it by value into the actor
+        def _complete_batch(self, batch):
+            if "HumanEval/1" in batch.column("task_id").to_pylist():
+                os._exit(1)
+            return super()._complete_batch(batch)
+
+    monkeypatch.setattr(pipeline.evaluate.run, "Completer", PoisonedEngine)
+    out = tmp_path / "eval"
+    summary = evaluate(load_config(overrides={
+        "model.path": tiny_model, "model.engine": "transformers", "benchmark.limit": 4,
+        "generation.max_new_tokens": 8, "compute.batch_size": 2, "output": str(out)}, schema=EvaluateConfig))
+
+    assert summary["engine_crashes"] == {"actor_deaths": 2, "in_flight_at_deaths": 2, "rejected": 1}
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in results] == [f"HumanEval/{i}" for i in range(4)]
+    crashed = [r["task_id"] for r in results if r["reason"] == REASON]
+    assert crashed == ["HumanEval/1"] and not results[1]["passed"]
+    assert summary["counts"]["problems"] == 4 and summary["counts"]["by_reason"][REASON] == 1

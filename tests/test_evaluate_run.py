@@ -38,6 +38,7 @@ def check_outputs(out: Path, benchmark: str, n: int) -> dict:
     assert summary["versions"]["ray"] and summary["config"]["benchmark"]["name"] == benchmark
     assert set(summary["seconds"]) == {"wall", "engine_load", "generation", "execution"}
     assert summary["seconds"]["engine_load"] > 0 and summary["seconds"]["generation"] > 0
+    assert summary["engine_crashes"] == {"actor_deaths": 0, "in_flight_at_deaths": 0, "rejected": 0}
     return summary
 
 

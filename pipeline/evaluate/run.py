@@ -23,6 +23,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
+from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation, start_ledger
 from pipeline.engines import Engine, SamplingSpec, create_engine, each_or_alone, restart_actor_if_engine_dead
 from pipeline.evaluate import benchmarks
 from pipeline.evaluate.plus import load_plus_problems
@@ -47,7 +48,10 @@ PLUS_KEYS = ("plus_passed", "plus_reason", "plus_detail", "plus_seconds")
 class Completer:
     """Callable class for `map_batches`: problems in, one greedy completion per problem out."""
 
-    def __init__(self, cfg: EvaluateConfig, engine: Engine | None = None) -> None:
+    def __init__(self, cfg: EvaluateConfig, engine: Engine | None = None, crash_ledger: Any = None) -> None:
+        # In a run, Ray passes cfg and the job's crash ledger: a prompt that kills every engine it reaches
+        # fails its problem (`engine crash`) instead of the job (see pipeline/crash_isolation.py).
+        self.isolation = CrashIsolation(crash_ledger, id_column="task_id") if crash_ledger is not None else None
         t0 = time.perf_counter()
         self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
         self.load_s: float | None = time.perf_counter() - t0  # reported once, with this actor's first batch
@@ -58,6 +62,16 @@ class Completer:
 
     @restart_actor_if_engine_dead
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.isolation is None:
+            return self._complete_batch(batch)
+        return self.isolation.run(batch, self._complete_batch, self._rejected)
+
+    def _rejected(self, batch: pa.Table, details: list[str]) -> pa.Table:
+        """Problems whose prompt is not run again: it killed the engine."""
+        n = batch.num_rows
+        return self._with_outputs(batch, [""] * n, [f"{CRASH_REASON}: {d}" for d in details], 0.0, None)
+
+    def _complete_batch(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         rows = batch.to_pylist()
         n = len(rows)
@@ -73,7 +87,11 @@ class Completer:
                 todo.append(i)
         for i, text in self._complete(prompts, todo, errors).items():
             completions[i] = text
-        per_row = (time.perf_counter() - t0) / max(1, n)
+        return self._with_outputs(batch, completions, errors, (time.perf_counter() - t0) / max(1, n), load)
+
+    def _with_outputs(self, batch: pa.Table, completions: list[str], errors: list[str | None], per_row: float,
+                      load: float | None) -> pa.Table:
+        n = batch.num_rows
         added = {"completion": (completions, pa.string()), "generation_error": (errors, pa.string()),
                  "generation_s": ([per_row] * n, pa.float64()),
                  "engine_load_s": ([load] + [None] * (n - 1) if n else [], pa.float64()),
@@ -132,12 +150,18 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     c = cfg.compute
     items = [{"index": i, **p.to_row()} for i, p in enumerate(problems)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // c.batch_size)))
-    results = ds.map_batches(
-        Completer, fn_constructor_kwargs={"cfg": cfg}, batch_size=c.batch_size,
-        num_gpus=c.num_gpus_per_actor, num_cpus=c.num_cpus_per_actor, batch_format="pyarrow", **actor_pool(cfg),
-    ).map_batches(
-        execute, fn_kwargs={"sandbox": sandbox}, batch_size=c.batch_size, num_cpus=1, batch_format="pyarrow",
-    ).take_all()
+    ledger = start_ledger()
+    try:
+        results = ds.map_batches(
+            Completer, fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger}, batch_size=c.batch_size,
+            num_gpus=c.num_gpus_per_actor, num_cpus=c.num_cpus_per_actor, batch_format="pyarrow",
+            **actor_pool(cfg),
+        ).map_batches(
+            execute, fn_kwargs={"sandbox": sandbox}, batch_size=c.batch_size, num_cpus=1, batch_format="pyarrow",
+        ).take_all()
+        crashes = ray.get(ledger.summary.remote())
+    finally:
+        ray.kill(ledger)
     wall = time.perf_counter() - t0
     rows = sorted(results, key=lambda r: r["index"])
     if [r["task_id"] for r in rows] != [p.task_id for p in problems]:  # every problem exactly once
@@ -147,7 +171,7 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     keys = ("task_id", "passed", "reason", "detail", "seconds", "isolation", "completion", "generation_s",
             *(PLUS_KEYS if evalplus else ()))
     _write_jsonl(out, "results.jsonl", [{k: r[k] for k in keys} for r in rows])
-    result = summarize(cfg, rows, wall, started_at)
+    result = {**summarize(cfg, rows, wall, started_at), "engine_crashes": crashes}
     out.write_json("summary.json", result)
     return result
 
