@@ -151,8 +151,7 @@ def test_a_snippet_that_kills_every_engine_is_rejected_and_the_run_completes(
     manifest = generate(load_config(overrides=tiny_overrides(tiny_model, folder, out, **{"compute.batch_size": 8})))
 
     assert manifest["all_rows_accounted_for"]
-    assert manifest["engine_crashes"] == {"actor_deaths": 2, "in_flight_at_deaths": 8,
-                                          "rejected": 1}
+    assert manifest["engine_crashes"] == {"actor_deaths": 2, "in_flight_at_deaths": 8, "rejected": 1}
     c = manifest["counts"]
     assert c["rejected_by_stage_and_reason"].get(f"inverse/{REASON}") == 1
     crashed = [r for r in read(out / "rejected", ["id"]) if r["reason"] == REASON]

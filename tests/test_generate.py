@@ -210,8 +210,7 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(ray_local
     assert seen - set(killed), f"no fresh engine took over (engine cores seen: {sorted(seen)})"
     # One death, with one snippet in flight: it runs again alone and is NOT rejected (that takes a second
     # death with it alone, see tests/test_crash_isolation.py).
-    assert manifest["engine_crashes"] == {"actor_deaths": 1, "snippets_in_flight_at_deaths": 1,
-                                          "snippets_rejected": 0}
+    assert manifest["engine_crashes"] == {"actor_deaths": 1, "in_flight_at_deaths": 1, "rejected": 0}
     c = manifest["counts"]
     candidates = read(out / "candidates", ["id", "k"])
     assert len({(r["id"], r["k"]) for r in candidates}) == len(candidates) == c["candidates"]
