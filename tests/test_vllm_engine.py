@@ -34,7 +34,9 @@ def vllm_engine():
     pytest.importorskip("vllm")
     from pipeline.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model_config("vllm"), str(embedded_model_dir()))
+    engine = VLLMEngine(model_config("vllm"), str(embedded_model_dir()))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")

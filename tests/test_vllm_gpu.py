@@ -32,7 +32,8 @@ def gpu_vllm():
 
     engine = VLLMEngine(gpu_config("vllm"), str(embedded_model_dir()))
     assert engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 1
-    return engine
+    yield engine
+    engine.close()  # its GPU memory goes back before the next module's engines start
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,13 @@ class VLLMEngine:
         self._has_token_ids = _supports_logprob_token_ids(SamplingParams) and not cfg.speculative_ngram_tokens
         self.loop = EngineLoop(self.llm.llm_engine)  # every request goes through it (see vllm_loop.py)
 
+    def close(self) -> None:
+        """Stop the engine core process now; otherwise vLLM stops it when this object is collected or at
+        interpreter exit, when its shutdown messages may find logging's streams already closed."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
     def sample(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[str]]:
         params = [self._sample_params(p, spec, seed) for p, seed in zip(prompts, seeds)]
         return [_texts(out) for out in self._generate(prompts, params)]
