@@ -66,12 +66,14 @@ def test_an_exclusive_turn_waits_for_shared_ones_and_goes_before_new_ones():
             time.sleep(0.05)
             events.append("solo out")
 
-    threads = [threading.Thread(target=shared, args=("one", 0.3, first_in))]
+    threads = [threading.Thread(target=shared, args=("one", 0.5, first_in))]
     threads[0].start()
     first_in.wait()
     threads.append(threading.Thread(target=exclusive))
     threads[1].start()
-    time.sleep(0.1)  # the exclusive turn is waiting now
+    deadline = time.monotonic() + 10
+    while not turns._waiting and "solo in" not in events and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the exclusive turn waits (on a busy machine it may take a while)
     threads.append(threading.Thread(target=shared, args=("two", 0.0)))
     threads[2].start()
     for t in threads:
