@@ -86,6 +86,18 @@ def start_ledger() -> Any:
     return ray.remote(CrashLedger).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote()
 
 
+@contextlib.contextmanager
+def job_ledger() -> Iterator[Any]:
+    """A ledger for one job's engine actors, stopped when the job's Ray Data work is over (or failed)."""
+    import ray
+
+    ledger = start_ledger()
+    try:
+        yield ledger
+    finally:
+        ray.kill(ledger)
+
+
 class EngineTurns:
     """Who may have work in the actor's engine: any number of shared turns (ordinary batches) or one
     exclusive turn (a snippet that was in a crash). A waiting exclusive turn goes before new shared ones."""

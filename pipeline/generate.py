@@ -28,7 +28,7 @@ from ray.data import ActorPoolStrategy, SaveMode
 
 from pipeline import manifest
 from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig, fingerprint
-from pipeline.crash_isolation import CrashLedger, start_ledger
+from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, read_corpus
@@ -174,8 +174,7 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     c = cfg.compute
     crashes = CrashLedger().summary()  # all zeros when nothing runs
     if total - len(done) > 0:
-        ledger = start_ledger()  # finds and rejects a snippet that kills every engine it reaches
-        try:
+        with job_ledger() as ledger:  # finds and rejects a snippet that kills every engine it reaches
             # Blocks of one batch each: every finished batch is written as its own file at once, which is
             # the unit of resume (otherwise a whole input block's results wait in memory until it is done).
             todo = todo.repartition(target_num_rows_per_block=c.batch_size)
@@ -189,8 +188,6 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
                 **actor_pool(cfg),
             ).write_parquet(out.sub("_work/scored"), mode=SaveMode.APPEND)
             crashes = ray.get(ledger.summary.remote())
-        finally:
-            ray.kill(ledger)
     out.ensure_parquet("_work/scored", SCORED_SCHEMA)
     scored_ids = out.read_ids("_work/scored")
     if len(scored_ids) != total:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
-from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation, start_ledger
+from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation, job_ledger
 from pipeline.engines import Engine, SamplingSpec, create_engine, each_or_alone, restart_actor_if_engine_dead
 from pipeline.evaluate import benchmarks
 from pipeline.evaluate.plus import load_plus_problems
@@ -150,8 +150,7 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     c = cfg.compute
     items = [{"index": i, **p.to_row()} for i, p in enumerate(problems)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // c.batch_size)))
-    ledger = start_ledger()
-    try:
+    with job_ledger() as ledger:
         results = ds.map_batches(
             Completer, fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger}, batch_size=c.batch_size,
             num_gpus=c.num_gpus_per_actor, num_cpus=c.num_cpus_per_actor, batch_format="pyarrow",
@@ -160,8 +159,6 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
             execute, fn_kwargs={"sandbox": sandbox}, batch_size=c.batch_size, num_cpus=1, batch_format="pyarrow",
         ).take_all()
         crashes = ray.get(ledger.summary.remote())
-    finally:
-        ray.kill(ledger)
     wall = time.perf_counter() - t0
     rows = sorted(results, key=lambda r: r["index"])
     if [r["task_id"] for r in rows] != [p.task_id for p in problems]:  # every problem exactly once
