@@ -158,15 +158,33 @@ def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
 
 
 @pytest.mark.vllm
-def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(ray_local, tiny_model, corpus, tmp_path):
+def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
+        ray_local, tiny_model, corpus, tmp_path, monkeypatch):
     """The kernel's OOM killer SIGKILLs a vLLM engine core mid-run. vLLM's own client would then wait for
     outputs forever; instead the actor exits, Ray restarts it with a fresh engine and retries its batches,
     and the run ends complete: every snippet scored once."""
     pytest.importorskip("vllm")
     import psutil
 
-    # 80 real rows, one snippet per batch: with the tiny model a batch takes about a second, and the engine
-    # must still be running after the first scores are written (with 21 rows, a CI run once finished first).
+    import pipeline.generate
+    from pipeline.inverse import InverseInstruct
+
+    # The kill must land mid-run. Written files are a late sign of progress (Ray Data may hold the
+    # writes back on 2 CPUs; 2 of 6 local runs killed after the last batch), so the actor marks each batch
+    # its engine has scored, and the killer waits for a few of them.
+    progress = tmp_path / "scored_batches"
+    progress.mkdir()
+
+    class CountingEngine(InverseInstruct):  # defined here: Ray pickles it by value into the actor
+        def _score(self, batch):
+            scored = super()._score(batch)
+            (progress / f"{os.getpid()}-{time.monotonic_ns()}").touch()
+            return scored
+
+    monkeypatch.setattr(pipeline.generate, "InverseInstruct", CountingEngine)
+
+    # 80 real rows, one snippet per batch (about a second each with the tiny model): the kill after the
+    # third leaves most of the run to a fresh engine.
     folder = tmp_path / "input"
     folder.mkdir()
     (folder / "real.jsonl").write_text("".join(json.dumps(row) + "\n" for row in corpus[:80]))
@@ -186,12 +204,12 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(ray_local
     killed: list[int] = []
     done = threading.Event()
 
-    def kill_the_first_engine_once_it_has_written() -> None:
+    def kill_the_first_engine_once_it_has_scored_three_batches() -> None:
         while not done.is_set():
             try:
                 cores = {pid: p for pid, p in engine_cores().items() if pid not in others}
                 seen.update(cores)
-                if not killed and cores and list((out / "_work" / "scored").glob("*.parquet")):
+                if not killed and cores and len(list(progress.iterdir())) >= 3:
                     pid, proc = next(iter(cores.items()))
                     proc.send_signal(signal.SIGKILL)
                     killed.append(pid)
@@ -199,7 +217,7 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(ray_local
                 pass
             time.sleep(0.1)
 
-    killer = threading.Thread(target=kill_the_first_engine_once_it_has_written, daemon=True)
+    killer = threading.Thread(target=kill_the_first_engine_once_it_has_scored_three_batches, daemon=True)
     killer.start()
     try:
         manifest = generate(cfg)
