@@ -74,6 +74,9 @@ class ModelConfig:
     None = off. With it on, the judge reads Yes/No from the top-k logprobs (see vllm_engine.py)."""
     load_format: Literal["auto", "dummy"] = "auto"
     """`dummy` = random weights from config.json only (vLLM): for speed benchmarks of model shapes."""
+    log_engine_stats: bool = False
+    """vLLM's periodic stats line in the actor's log (prompt and generation tokens/s, running and waiting
+    requests, KV-cache use, prefix-cache hit rate): where a slow run's time goes."""
 
 
 @dataclass(config=_STRICT)

@@ -44,6 +44,7 @@ class VLLMEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else cfg.cpu_memory_utilization,
             trust_remote_code=cfg.trust_remote_code,
             enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+            disable_log_stats=not cfg.log_engine_stats,
         )
         if cfg.max_num_seqs:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
