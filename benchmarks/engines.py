@@ -19,11 +19,15 @@ import pyarrow as pa
 from benchmarks.common import K, emit, load_snippets, table
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--snippets", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     import torch
 

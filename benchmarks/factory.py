@@ -1,7 +1,8 @@
 """Our fused actor (pipeline/inverse.py) through Ray Data, on the same snippets as seed_replay.
 
     python -m benchmarks.factory --model embedded|qwen2-1.5b|llama-6.7b --snippets N
-        [--batch-size B] [--concurrent-batches C] [--no-overlap] [--code-first] [--ngram-spec T] [--label NAME]
+        [--batch-size B] [--concurrent-batches C] [--no-overlap] [--code-first] [--ngram-spec T]
+        [--max-num-seqs S] [--log-stats] [--label NAME]
 
 One actor, one vLLM engine: K samples per snippet as ONE n=K request, each snippet's K judge requests
 (1 new token, exact Yes/No log-probabilities) entering the same engine as soon as its samples are done
@@ -9,7 +10,8 @@ One actor, one vLLM engine: K samples per snippet as ONE n=K request, each snipp
 runs it. Steady state = from the first batch's start to the last batch's end inside the actor; the engine
 start is timed apart. For random-weight models the summaries are forced to the same
 per-snippet lengths seed_replay uses (benchmarks/common.py). Also reported: how much of the time the
-engine-loop thread was busy on its CPU, and in the actor's own code (judge prompts, adding requests).
+engine-loop thread was busy on its CPU, and in the actor's own code (judge prompts, adding requests), and
+when each batch ran (seconds from the first batch's start), to see how Ray Data kept the engine fed.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class TimedInverseInstruct(InverseInstruct):
         return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--snippets", type=int, default=256)
@@ -72,9 +74,15 @@ def main() -> None:
     ap.add_argument("--no-overlap", action="store_true", help="summarize the whole batch, then judge it")
     ap.add_argument("--code-first", action="store_true", help="judge prompt with the code first")
     ap.add_argument("--ngram-spec", type=int, default=0, help="prompt-lookup speculative tokens (0 = off)")
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="vLLM's running-request limit (0 = vLLM's default)")
+    ap.add_argument("--log-stats", action="store_true", help="vLLM's periodic stats line in the log (model.log_engine_stats)")
     ap.add_argument("--label", default="factory")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ii-bench"))
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     import ray
     import torch
@@ -88,7 +96,8 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     cfg = GenerateConfig(
         model=ModelConfig(path=model.path, dtype="bfloat16" if on_gpu else "float32", max_model_len=args.max_model_len,
-                          load_format=model.load_format, speculative_ngram_tokens=args.ngram_spec or None),
+                          load_format=model.load_format, speculative_ngram_tokens=args.ngram_spec or None,
+                          max_num_seqs=args.max_num_seqs or None, log_engine_stats=args.log_stats),
         summarize=SummarizeConfig(num_candidates=K, max_new_tokens=SUMMARY_TOKENS_CAP),
         judge=JudgeConfig(code_first=args.code_first),
         compute=ComputeConfig(batch_size=args.batch_size or max(1, len(snippets) // 4), overlap=not args.no_overlap,
@@ -109,7 +118,9 @@ def main() -> None:
     table = pa.concat_tables(ray.get(out))
     wall = time.time() - t_all
     rows = table.to_pylist()
-    steady = max(r["t1"] for r in rows) - min(r["t0"] for r in rows)
+    first = min(r["t0"] for r in rows)
+    steady = max(r["t1"] for r in rows) - first
+    batches = sorted({(round(r["t0"] - first, 1), round(r["t1"] - first, 1)) for r in rows})
     tok = __import__("transformers").AutoTokenizer.from_pretrained(model.path)
     out_tokens = (sum(forced.values()) * K if forced else
                   sum(len(tok(t, add_special_tokens=False)["input_ids"]) for r in rows for t in r["instructions"]))
@@ -128,6 +139,7 @@ def main() -> None:
         # The thread that feeds the engine: busy all the time on its CPU = it, not the GPU, sets the pace.
         "loop_cpu_share": round(loop["loop_cpu_s"] / busy, 3),
         "loop_callbacks_share": round(loop["loop_callbacks_s"] / busy, 3),
+        "max_num_seqs": args.max_num_seqs or None, "batches_s": [list(b) for b in batches],
     })
     ray.shutdown()
 

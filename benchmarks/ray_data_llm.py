@@ -53,14 +53,18 @@ def run_stage(ds, model, max_model_len: int, batch_size: int, on_gpu: bool):
     return rows, first - t0, last - first
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--snippets", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=256, help="rows per engine batch (vLLMEngineProcessorConfig)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ii-bench"))
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     import ray
     import torch

@@ -59,13 +59,17 @@ def run_chunks(llm, prompts: list[list[int]], params: list) -> tuple[list, float
     return outputs, time.perf_counter() - t0
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--snippets", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ii-bench"))
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     from vllm import SamplingParams
 

@@ -54,3 +54,14 @@ def test_benchmark_snippets_are_distinct_real_code_with_stable_ids():
     assert len({s["code"] for s in snippets}) == 20
     assert all(s["code"].strip() and s["id"] == f"bench:{s['source_index']}" for s in snippets)
     assert [s["id"] for s in load_snippets(5)] == [s["id"] for s in snippets[:5]]
+
+
+def test_every_step_of_the_gpu_plan_parses_with_its_script():
+    """A typo in a step's arguments would cost a step of a scarce GPU session: catch it here."""
+    import importlib
+
+    from benchmarks.run_gpu import MODEL_NAMES, PLAN
+
+    for part, module, args, _ in PLAN:
+        parsed = importlib.import_module(f"benchmarks.{module}").parser().parse_args(args)
+        assert getattr(parsed, "model", MODEL_NAMES[part]) == MODEL_NAMES[part], (part, args)
