@@ -2,7 +2,7 @@
 
     python -m benchmarks.factory --model embedded|qwen2-1.5b|llama-6.7b --snippets N
         [--batch-size B] [--concurrent-batches C] [--no-overlap] [--code-first] [--ngram-spec T]
-        [--max-num-seqs S] [--log-stats] [--label NAME]
+        [--max-num-seqs S] [--max-cudagraph-capture-size G] [--log-stats] [--label NAME]
 
 One actor, one vLLM engine: K samples per snippet as ONE n=K request, each snippet's K judge requests
 (1 new token, exact Yes/No log-probabilities) entering the same engine as soon as its samples are done
@@ -75,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--code-first", action="store_true", help="judge prompt with the code first")
     ap.add_argument("--ngram-spec", type=int, default=0, help="prompt-lookup speculative tokens (0 = off)")
     ap.add_argument("--max-num-seqs", type=int, default=0, help="vLLM's running-request limit (0 = vLLM's default)")
+    ap.add_argument("--max-cudagraph-capture-size", type=int, default=0,
+                    help="largest step vLLM runs as a CUDA graph (0 = vLLM's default, 512 at most)")
     ap.add_argument("--log-stats", action="store_true", help="vLLM's periodic stats line in the log (model.log_engine_stats)")
     ap.add_argument("--label", default="factory")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ii-bench"))
@@ -97,7 +99,8 @@ def main() -> None:
     cfg = GenerateConfig(
         model=ModelConfig(path=model.path, dtype="bfloat16" if on_gpu else "float32", max_model_len=args.max_model_len,
                           load_format=model.load_format, speculative_ngram_tokens=args.ngram_spec or None,
-                          max_num_seqs=args.max_num_seqs or None, log_engine_stats=args.log_stats),
+                          max_num_seqs=args.max_num_seqs or None, log_engine_stats=args.log_stats,
+                          max_cudagraph_capture_size=args.max_cudagraph_capture_size or None),
         summarize=SummarizeConfig(num_candidates=K, max_new_tokens=SUMMARY_TOKENS_CAP),
         judge=JudgeConfig(code_first=args.code_first),
         compute=ComputeConfig(batch_size=args.batch_size or max(1, len(snippets) // 4), overlap=not args.no_overlap,
@@ -139,7 +142,8 @@ def main() -> None:
         # The thread that feeds the engine: busy all the time on its CPU = it, not the GPU, sets the pace.
         "loop_cpu_share": round(loop["loop_cpu_s"] / busy, 3),
         "loop_callbacks_share": round(loop["loop_callbacks_s"] / busy, 3),
-        "max_num_seqs": args.max_num_seqs or None, "batches_s": [list(b) for b in batches],
+        "max_num_seqs": args.max_num_seqs or None,
+        "max_cudagraph_capture_size": args.max_cudagraph_capture_size or None, "batches_s": [list(b) for b in batches],
     })
     ray.shutdown()
 

@@ -66,6 +66,10 @@ class ModelConfig:
     chunks ("CPU Generator does not use offset"), and the seeds are what make resumed runs exact."""
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    max_cudagraph_capture_size: int | None = Field(default=None, ge=1)
+    """vLLM replays CUDA graphs only for steps of up to this many tokens (its default: min(2 x max_num_seqs,
+    512)); a decode step with more running requests runs without them, which is much slower for small
+    models. vLLM's default max_num_seqs on an H100 is 1,024: raise this, or lower max_num_seqs, to match."""
     enforce_eager: bool | None = None
     """None = eager on CPU (graph compilation takes minutes on a laptop), compiled on GPU."""
     speculative_ngram_tokens: int | None = Field(default=None, ge=1)

@@ -50,6 +50,8 @@ class VLLMEngine:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
         if cfg.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        if cfg.max_cudagraph_capture_size:
+            kwargs["compilation_config"] = {"max_cudagraph_capture_size": cfg.max_cudagraph_capture_size}
         if cfg.load_format != "auto":
             kwargs["load_format"] = cfg.load_format
         if cfg.speculative_ngram_tokens:
