@@ -77,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-num-seqs", type=int, default=0, help="vLLM's running-request limit (0 = vLLM's default)")
     ap.add_argument("--max-cudagraph-capture-size", type=int, default=0,
                     help="largest step vLLM runs as a CUDA graph (0 = vLLM's default, 512 at most)")
-    ap.add_argument("--log-stats", action="store_true", help="vLLM's periodic stats line in the log (model.log_engine_stats)")
+    ap.add_argument("--log-stats", action="store_true",
+                    help="vLLM's periodic stats line in the log (model.log_engine_stats)")
     ap.add_argument("--label", default="factory")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ii-bench"))
     return ap
