@@ -202,3 +202,30 @@ def test_a_failing_batch_fails_alone_and_the_engine_goes_on(vllm_engine, judge_p
     while any(t.name == "vllm-engine-loop" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "vllm-engine-loop" for t in threading.enumerate())
+
+
+def test_engine_settings_reach_vllms_own_config():
+    """The config's vLLM knobs, through vLLM's own argument parsing (no engine start): what a user sets is
+    what the engine runs with, on CPU defaults, and the GPU defaults are the documented ones."""
+    pytest.importorskip("vllm")
+    from vllm.engine.arg_utils import EngineArgs
+
+    from pipeline.engines.vllm_engine import engine_kwargs
+
+    path = str(embedded_model_dir())
+    cfg = ModelConfig(max_model_len=MAX_LEN, max_num_seqs=48, max_num_batched_tokens=2048,
+                      max_cudagraph_capture_size=64, log_engine_stats=True)
+    engine = EngineArgs(**engine_kwargs(cfg, path, on_gpu=False)).create_engine_config()
+    assert engine.scheduler_config.max_num_seqs == 48
+    assert engine.scheduler_config.max_num_batched_tokens == 2048
+    assert engine.compilation_config.max_cudagraph_capture_size == 64  # vLLM alone: 2 x 48
+    assert engine.model_config.max_model_len == MAX_LEN
+
+    cpu = engine_kwargs(ModelConfig(), path, on_gpu=False)
+    assert (cpu["dtype"], cpu["enforce_eager"], cpu["enable_chunked_prefill"], cpu["disable_log_stats"]) == (
+        "float32", True, False, True)
+    assert cpu["gpu_memory_utilization"] == ModelConfig().cpu_memory_utilization
+    assert "compilation_config" not in cpu and "max_num_seqs" not in cpu  # vLLM's own defaults
+    gpu = engine_kwargs(ModelConfig(), path, on_gpu=True)
+    assert (gpu["dtype"], gpu["enforce_eager"], gpu["enable_chunked_prefill"]) == ("bfloat16", False, True)
+    assert gpu["gpu_memory_utilization"] == 0.9

@@ -33,31 +33,7 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             _use_all_cores_on_small_cpus()
-        kwargs = dict(
-            model=model_path,
-            dtype=resolve_dtype(cfg, on_gpu),
-            max_model_len=cfg.max_model_len,
-            seed=cfg.seed,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            enable_chunked_prefill=on_gpu if cfg.enable_chunked_prefill is None else cfg.enable_chunked_prefill,
-            gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else cfg.cpu_memory_utilization,
-            trust_remote_code=cfg.trust_remote_code,
-            enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
-            disable_log_stats=not cfg.log_engine_stats,
-        )
-        if cfg.max_num_seqs:
-            kwargs["max_num_seqs"] = cfg.max_num_seqs
-        if cfg.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-        if cfg.max_cudagraph_capture_size:
-            kwargs["compilation_config"] = {"max_cudagraph_capture_size": cfg.max_cudagraph_capture_size}
-        if cfg.load_format != "auto":
-            kwargs["load_format"] = cfg.load_format
-        if cfg.speculative_ngram_tokens:
-            kwargs["speculative_config"] = {"method": "ngram", "num_speculative_tokens": cfg.speculative_ngram_tokens,
-                                            "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**engine_kwargs(cfg, model_path, on_gpu))
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
         self._params = SamplingParams
@@ -141,6 +117,35 @@ class VLLMEngine:
 
         self.loop.run(start)
         return outputs
+
+
+def engine_kwargs(cfg: ModelConfig, model_path: str, on_gpu: bool) -> dict:
+    """`vllm.LLM(...)` arguments for this config: CPU and GPU defaults differ (see ModelConfig)."""
+    kwargs = dict(
+        model=model_path,
+        dtype=resolve_dtype(cfg, on_gpu),
+        max_model_len=cfg.max_model_len,
+        seed=cfg.seed,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        enable_chunked_prefill=on_gpu if cfg.enable_chunked_prefill is None else cfg.enable_chunked_prefill,
+        gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else cfg.cpu_memory_utilization,
+        trust_remote_code=cfg.trust_remote_code,
+        enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+        disable_log_stats=not cfg.log_engine_stats,
+    )
+    if cfg.max_num_seqs:
+        kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+    if cfg.max_cudagraph_capture_size:
+        kwargs["compilation_config"] = {"max_cudagraph_capture_size": cfg.max_cudagraph_capture_size}
+    if cfg.load_format != "auto":
+        kwargs["load_format"] = cfg.load_format
+    if cfg.speculative_ngram_tokens:
+        kwargs["speculative_config"] = {"method": "ngram", "num_speculative_tokens": cfg.speculative_ngram_tokens,
+                                        "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    return kwargs
 
 
 def _texts(out) -> list[str]:
