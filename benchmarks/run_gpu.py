@@ -32,15 +32,16 @@ PLAN = [
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256"], 150),
     # vLLM's H100 defaults run up to 1,024 requests but capture CUDA graphs for steps of up to 512 tokens only:
     # the factory's 1,280 requests in flight decode without graphs; seed_replay's chunks of 512 never do
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--max-num-seqs", "512", "--log-stats",
-                             "--label", "factory_max_seqs_512"], 100),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--max-num-seqs", "512", "--label",
+                             "factory_max_seqs_512"], 100),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--max-cudagraph-capture-size", "1024",
-                             "--log-stats", "--label", "factory_graphs_1024"], 110),
-    # seed_replay's shape (all snippets, then all judging) inside our actor: n=K requests, one engine
+                             "--label", "factory_graphs_1024"], 110),
+    # seed_replay's shape (all snippets, then all judging) inside our actor: n=K requests, one engine; with
+    # vLLM's stats line in its log (running/waiting requests, prefix-cache hits), the others without (its cost)
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--batch-size", "256",
                              "--concurrent-batches", "1", "--no-overlap", "--log-stats", "--label",
                              "factory_one_batch_no_overlap"], 100),
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--no-overlap", "--log-stats", "--label",
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--no-overlap", "--label",
                              "factory_no_overlap"], 100),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--concurrent-batches", "1", "--label",
                              "factory_one_batch_at_a_time"], 100),
