@@ -4,8 +4,8 @@
 
 Every batch of `generate`'s `inverse` stage (and of `evaluate`) asks the ledger actor three times
 (examine, begin, end; see pipeline/crash_isolation.py). This measures that overhead on a local Ray
-instance, with the real ledger actor and id-sized strings, for batches that never crashed (the usual case). Median and p90 over
-`--batches` batches per size. Prints one JSON line per size, then a table.
+instance, with the real ledger actor and id-sized strings, for batches that never crashed (the usual
+case). Median and p90 over `--batches` batches per size. Prints one JSON line per size, then a table.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import pyarrow as pa
 from benchmarks.common import (K, SUMMARY_TOKENS_CAP, GpuMemory, build_model, emit, forced_length, load_snippets,
                                read_lengths)
 from pipeline.config import ComputeConfig
-from pipeline.crash_isolation import start_ledger
+from pipeline.crash_isolation import job_ledger
 from pipeline.generate import actor_pool
 from pipeline.inverse import InverseInstruct
 
@@ -113,18 +113,20 @@ def main() -> None:
     t_all = time.time()
     ds = ray.data.from_arrow(pa.Table.from_pylist(snippets)).repartition(
         target_num_rows_per_block=cfg.compute.batch_size)
-    out = ds.map_batches(
-        TimedInverseInstruct, batch_size=cfg.compute.batch_size,
-        # with the crash ledger `generate` uses, so that its cost is in the numbers
-        fn_constructor_kwargs={"cfg": cfg, "forced": forced, "crash_ledger": start_ledger()},
-        batch_format="pyarrow", num_gpus=cfg.compute.num_gpus_per_actor, num_cpus=1, **actor_pool(cfg),
-    ).to_arrow_refs()
-    table = pa.concat_tables(ray.get(out))
+    with job_ledger() as ledger:  # the crash ledger `generate` uses, so that its cost is in the numbers
+        out = ds.map_batches(
+            TimedInverseInstruct, batch_size=cfg.compute.batch_size,
+            fn_constructor_kwargs={"cfg": cfg, "forced": forced, "crash_ledger": ledger},
+            batch_format="pyarrow", num_gpus=cfg.compute.num_gpus_per_actor, num_cpus=1, **actor_pool(cfg),
+        ).to_arrow_refs()
+        table = pa.concat_tables(ray.get(out))
     wall = time.time() - t_all
     rows = table.to_pylist()
     first = min(r["t0"] for r in rows)
     steady = max(r["t1"] for r in rows) - first
-    batches = sorted({(round(r["t0"] - first, 1), round(r["t1"] - first, 1)) for r in rows})
+    # one (start, end) per batch: a batch's rows share exact timestamps; rounding comes after, so that two
+    # batches that ran together are not merged into one
+    batches = [(round(t0 - first, 1), round(t1 - first, 1)) for t0, t1 in sorted({(r["t0"], r["t1"]) for r in rows})]
     tok = __import__("transformers").AutoTokenizer.from_pretrained(model.path)
     out_tokens = (sum(forced.values()) * K if forced else
                   sum(len(tok(t, add_special_tokens=False)["input_ids"]) for r in rows for t in r["instructions"]))
