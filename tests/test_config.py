@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser, config_from_args
-from pipeline.config import ConfigError, fingerprint, load_config
+from pipeline.config import ConfigError, EvaluateConfig, fingerprint, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,6 +49,21 @@ def test_cross_field_checks():
         load_config(overrides=ok)
 
 
+def test_engines_sharing_a_gpu_each_get_their_share_of_its_memory():
+    # vLLM reserves gpu_memory_utilization of the WHOLE GPU: two engines at 0.9 would not both start.
+    assert load_config().model.gpu_memory_utilization == 0.9
+    assert load_config(overrides={"compute.num_gpus_per_actor": 0.5}).model.gpu_memory_utilization == 0.45
+    assert load_config(overrides={"compute.num_gpus_per_actor": 0.25}).model.gpu_memory_utilization == 0.225
+    assert load_config(overrides={"compute.num_gpus_per_actor": 2, "model.tensor_parallel_size": 2}
+                       ).model.gpu_memory_utilization == 0.9
+    explicit = {"compute.num_gpus_per_actor": 0.5, "model.gpu_memory_utilization": 0.4}
+    assert load_config(overrides=explicit).model.gpu_memory_utilization == 0.4
+    with pytest.raises(ConfigError, match=r"model.gpu_memory_utilization \(0.6\) is more than this actor's share"):
+        load_config(overrides={**explicit, "model.gpu_memory_utilization": 0.6})
+    with pytest.raises(ConfigError, match=r"model.gpu_memory_utilization \(0.6\) is more than"):
+        load_config(overrides={**explicit, "model.gpu_memory_utilization": 0.6}, schema=EvaluateConfig)
+
+
 def test_flags_override_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("summarize:\n  num_candidates: 4\n  max_new_tokens: 64\ninput:\n  limit: 5\n")
@@ -74,6 +89,9 @@ def test_bundled_configs_validate():
 def test_fingerprint_ignores_compute_but_not_the_model():
     base = fingerprint(load_config())
     assert fingerprint(load_config(overrides={"compute.batch_size": 99})) == base
+    # two engines per GPU and another batch limit: same outputs, so a resumed run goes on
+    assert fingerprint(load_config(overrides={"compute.num_gpus_per_actor": 0.5, "model.max_num_seqs": 512})) == base
+    assert fingerprint(load_config(overrides={"model.dtype": "float16"}))["inverse"] != base["inverse"]
     changed = fingerprint(load_config(overrides={"model.path": "other"}))
     assert changed["preprocess"] == base["preprocess"] and changed["inverse"] != base["inverse"]
     only_select = fingerprint(load_config(overrides={"select.min_score": 0.5}))

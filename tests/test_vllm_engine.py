@@ -229,3 +229,26 @@ def test_engine_settings_reach_vllms_own_config():
     gpu = engine_kwargs(ModelConfig(), path, on_gpu=True)
     assert (gpu["dtype"], gpu["enforce_eager"], gpu["enable_chunked_prefill"]) == ("bfloat16", False, True)
     assert gpu["gpu_memory_utilization"] == 0.9
+    # prompt lookup on GPUs: vLLM's GPU n-gram matcher, with which vLLM keeps async scheduling on
+    spec = engine_kwargs(ModelConfig(max_model_len=MAX_LEN, speculative_ngram_tokens=4), path, on_gpu=True)
+    spec.update(dtype="float32", enforce_eager=True)  # what this machine's vLLM can build
+    assert EngineArgs(**spec).create_engine_config().speculative_config.method == "ngram_gpu"
+
+
+def test_engines_on_one_gpu_start_one_at_a_time():
+    """Two engine starts on the same GPU never overlap; on different GPUs they do (a real file lock,
+    taken from threads: each opens the lock file itself, as two actor processes would)."""
+    from pipeline.engines.vllm_engine import one_start_per_gpu
+
+    def start(devices: str) -> tuple[float, float]:
+        with one_start_per_gpu(devices):
+            t0 = time.perf_counter()
+            time.sleep(0.3)
+            return t0, time.perf_counter()
+
+    with ThreadPoolExecutor(3) as pool:
+        same = list(pool.map(start, ["7", "7", "7"]))
+        other = list(pool.map(start, ["7", "6", "5"]))
+    same.sort()
+    assert all(later[0] >= earlier[1] for earlier, later in zip(same, same[1:])), same
+    assert max(t0 for t0, _ in other) < min(t1 for _, t1 in other), other  # all three ran at once

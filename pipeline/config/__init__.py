@@ -21,9 +21,9 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 # The sections, importable from pipeline.config as well.
-from pipeline.config.generate import (ComputeConfig, DecontaminateConfig, EMBEDDED_CORPUS, EMBEDDED_MODEL,
-                                      ExtractConfig, GenerateConfig, InputConfig, JudgeConfig, ModelConfig,
-                                      SelectConfig, SummarizeConfig)
+from pipeline.config.generate import (ENGINE_SPEED_KEYS, ComputeConfig, DecontaminateConfig, EMBEDDED_CORPUS,
+                                      EMBEDDED_MODEL, ExtractConfig, GenerateConfig, InputConfig, JudgeConfig,
+                                      ModelConfig, SelectConfig, SummarizeConfig)
 from pipeline.config.jobs import (BenchmarkConfig, EvalGenerationConfig, EvaluateConfig, LoopConfig, LoraConfig,
                                   OptimConfig, RuntimeEnvConfig, SandboxConfig, SubmitConfig, TrainCheckpointConfig,
                                   TrainComputeConfig, TrainConfig, TrainDataConfig, TrainModelConfig)
@@ -77,9 +77,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def fingerprint(cfg: GenerateConfig) -> dict[str, str]:
     """Hashes of the config sections that decide each stage's output, for safe resume.
 
-    `compute` and `output` are left out: changing the cluster shape must not invalidate finished work.
+    `compute`, `output` and the model's engine speed knobs are left out: changing the cluster shape must
+    not invalidate finished work.
     """
     d = to_dict(cfg)
+    d["model"] = {k: v for k, v in d["model"].items() if k not in ENGINE_SPEED_KEYS}
     stages = {
         "preprocess": ["input", "extract"],
         "inverse": ["input", "extract", "model", "summarize", "judge"],

@@ -55,9 +55,10 @@ class ModelConfig:
     seed: int = 0
     trust_remote_code: bool = False
     # vLLM engine knobs (ignored by the transformers engine).
-    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
-    """Share of GPU memory for vLLM; on CPU, vLLM reads it as the share of RAM for the KV cache,
-    so the CPU default is lowered to `cpu_memory_utilization`."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Share of the whole GPU's memory one engine may use. None = 0.9 of the actor's share of its GPU
+    (0.9, or 0.45 each for two actors at `compute.num_gpus_per_actor: 0.5`). On CPU vLLM reads it as
+    the share of RAM for the KV cache, so there `cpu_memory_utilization` is used instead."""
     cpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(default=1, ge=1)
     enable_prefix_caching: bool = True
@@ -81,6 +82,13 @@ class ModelConfig:
     log_engine_stats: bool = False
     """vLLM's periodic stats line in the actor's log (prompt and generation tokens/s, running and waiting
     requests, KV-cache use, prefix-cache hit rate): where a slow run's time goes."""
+
+
+# Model keys that change how fast the engine runs, not what it writes: left out of the resume fingerprint,
+# so that a run resumed on another cluster shape (more engines per GPU, another batch limit) goes on.
+ENGINE_SPEED_KEYS = ("gpu_memory_utilization", "cpu_memory_utilization", "tensor_parallel_size",
+                     "enable_prefix_caching", "enable_chunked_prefill", "max_num_seqs", "max_num_batched_tokens",
+                     "max_cudagraph_capture_size", "enforce_eager", "log_engine_stats")
 
 
 @dataclass(config=_STRICT)
@@ -158,13 +166,28 @@ class ComputeConfig:
             raise ValueError("max_actors must be >= min_actors")
 
 
+GPU_MEMORY_SHARE = 0.9  # of an actor's GPU share: the rest is CUDA contexts and allocator slack
+
+
 def check_engine_gpus(model: ModelConfig, compute: ComputeConfig) -> None:
-    """A vLLM engine actor must own exactly its tensor-parallel GPUs (a fraction of one GPU is fine at
-    TP=1, e.g. two small-model actors per GPU): vLLM shards over the GPUs Ray makes visible to the actor."""
+    """A vLLM engine actor must own exactly its tensor-parallel GPUs, or at TP=1 a fraction of one GPU:
+    a small model leaves a GPU mostly idle while one engine's Python loop schedules the next step, so
+    several engines (actors) per GPU raise throughput. Each engine's memory must then fit its share:
+    vLLM takes `gpu_memory_utilization` of the WHOLE GPU, and an engine starting on a GPU whose free
+    memory is below that fails. Resolves `model.gpu_memory_utilization` when unset."""
     tp, gpus = model.tensor_parallel_size, compute.num_gpus_per_actor
-    if model.engine == "vllm" and gpus and (gpus > 1 or tp > 1) and gpus != tp:
+    if model.engine != "vllm":
+        return
+    if gpus and (gpus > 1 or tp > 1) and gpus != tp:
         raise ValueError(f"compute.num_gpus_per_actor ({gpus:g}) must equal model.tensor_parallel_size ({tp}): "
                          "each engine actor runs one vLLM engine over that many GPUs")
+    share = gpus if 0 < gpus < 1 else 1.0
+    if model.gpu_memory_utilization is None:
+        model.gpu_memory_utilization = round(GPU_MEMORY_SHARE * share, 4)
+    elif model.gpu_memory_utilization > share:
+        raise ValueError(f"model.gpu_memory_utilization ({model.gpu_memory_utilization:g}) is more than this actor's "
+                         f"share of its GPU (compute.num_gpus_per_actor = {gpus:g}): the engines sharing the GPU "
+                         f"would not all start; use at most {GPU_MEMORY_SHARE * share:.3g}, or leave it unset")
 
 
 @dataclass(config=_STRICT)
