@@ -2,13 +2,15 @@
 
     python -m benchmarks.factory --model embedded|qwen2-1.5b|llama-6.7b --snippets N
         [--batch-size B] [--concurrent-batches C] [--no-overlap] [--code-first] [--ngram-spec T]
-        [--max-num-seqs S] [--max-cudagraph-capture-size G] [--log-stats] [--label NAME]
+        [--max-num-seqs S] [--max-cudagraph-capture-size G] [--log-stats] [--engines E] [--label NAME]
 
-One actor, one vLLM engine: K samples per snippet as ONE n=K request, each snippet's K judge requests
+One actor per vLLM engine (E engines share the one GPU, each with 1/E of it: --engines), as `generate` runs
+them: K samples per snippet as ONE n=K request, each snippet's K judge requests
 (1 new token, exact Yes/No log-probabilities) entering the same engine as soon as its samples are done
 (`compute.overlap`), and C batches in the engine at once (`compute.concurrent_batches`), as `generate`
-runs it. Steady state = from the first batch's start to the last batch's end inside the actor; the engine
-start is timed apart. For random-weight models the summaries are forced to the same
+runs it. Steady state = from the first batch's start to the last batch's end inside the actors (Ray Data
+is told to wait until every engine is up, so that no engine starts while another works); engine starts are
+timed apart. For random-weight models the summaries are forced to the same
 per-snippet lengths seed_replay uses (benchmarks/common.py). Also reported: how much of the time the
 engine-loop thread was busy on its CPU, and in the actor's own code (judge prompts, adding requests), and
 when each batch ran (seconds from the first batch's start), to see how Ray Data kept the engine fed.
@@ -68,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--snippets", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=0, help="snippets per actor call (0 = a quarter of --snippets)")
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="snippets per actor call (0 = --snippets / (4 x --engines))")
     ap.add_argument("--concurrent-batches", type=int, default=ComputeConfig().concurrent_batches)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--no-overlap", action="store_true", help="summarize the whole batch, then judge it")
@@ -79,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
                     help="largest step vLLM runs as a CUDA graph (0 = vLLM's default, 512 at most)")
     ap.add_argument("--log-stats", action="store_true",
                     help="vLLM's periodic stats line in the log (model.log_engine_stats)")
+    ap.add_argument("--engines", type=int, default=1,
+                    help="engine actors sharing the GPU (compute.num_gpus_per_actor = 1/E; on CPU: E actors)")
     ap.add_argument("--label", default="factory")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ii-bench"))
     return ap
@@ -101,14 +106,19 @@ def main() -> None:
         model=ModelConfig(path=model.path, dtype="bfloat16" if on_gpu else "float32", max_model_len=args.max_model_len,
                           load_format=model.load_format, speculative_ngram_tokens=args.ngram_spec or None,
                           max_num_seqs=args.max_num_seqs or None, log_engine_stats=args.log_stats,
-                          max_cudagraph_capture_size=args.max_cudagraph_capture_size or None),
+                          max_cudagraph_capture_size=args.max_cudagraph_capture_size or None,
+                          cpu_memory_utilization=ModelConfig().cpu_memory_utilization / args.engines),
         summarize=SummarizeConfig(num_candidates=K, max_new_tokens=SUMMARY_TOKENS_CAP),
         judge=JudgeConfig(code_first=args.code_first),
-        compute=ComputeConfig(batch_size=args.batch_size or max(1, len(snippets) // 4), overlap=not args.no_overlap,
-                              concurrent_batches=args.concurrent_batches, num_gpus_per_actor=1.0 if on_gpu else 0.0),
+        compute=ComputeConfig(batch_size=args.batch_size or max(1, len(snippets) // (4 * args.engines)),
+                              overlap=not args.no_overlap, concurrent_batches=args.concurrent_batches,
+                              num_gpus_per_actor=1.0 / args.engines if on_gpu else 0.0,
+                              min_actors=args.engines, max_actors=args.engines),
     )
-    ray.init(num_cpus=4 if on_gpu else 2, include_dashboard=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.init(num_cpus=max(4 if on_gpu else 2, args.engines + 3), include_dashboard=False, logging_level="WARNING")
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.wait_for_min_actors_s = 3600  # every engine up before the first batch: a clean steady state
     memory = GpuMemory()
     t_all = time.time()
     ds = ray.data.from_arrow(pa.Table.from_pylist(snippets)).repartition(
@@ -131,14 +141,24 @@ def main() -> None:
     out_tokens = (sum(forced.values()) * K if forced else
                   sum(len(tok(t, add_special_tokens=False)["input_ids"]) for r in rows for t in r["instructions"]))
     failed = sum(1 for r in rows if r["reason"])
-    loop = {k: max(r[k] for r in rows) for k in ("loop_busy_s", "loop_cpu_s", "loop_callbacks_s")}
+    # per actor (its start time tells it apart): the loop counters are cumulative, its last batch has them all
+    actors: dict[float, dict] = {}
+    for r in rows:
+        a = actors.setdefault(r["init0"], {"start_s": r["init1"] - r["init0"]})
+        for k in ("loop_busy_s", "loop_cpu_s", "loop_callbacks_s"):
+            a[k] = max(a.get(k, 0.0), r[k])
+    loop = {k: sum(a[k] for a in actors.values()) for k in ("loop_busy_s", "loop_cpu_s", "loop_callbacks_s")}
     busy = max(loop["loop_busy_s"], 1e-9)
     emit({
         "variant": args.label, "model": model.name, "params": model.params, "real_weights": model.real,
         "snippets": len(rows), "failed_snippets": failed, "batch_size": cfg.compute.batch_size,
         "concurrent_batches": cfg.compute.concurrent_batches,
         "overlap": cfg.compute.overlap, "code_first": args.code_first, "ngram_spec": args.ngram_spec,
-        "engine_start_s": round(rows[0]["init1"] - rows[0]["init0"], 1), "steady_s": round(steady, 1),
+        "engines": len(actors), "gpu_memory_utilization": cfg.model.gpu_memory_utilization if on_gpu else None,
+        # the slowest engine start; with several engines on one GPU they start in turn (see the list)
+        "engine_start_s": round(max(a["start_s"] for a in actors.values()), 1),
+        "engine_starts_s": [round(a["start_s"], 1) for _, a in sorted(actors.items())],
+        "steady_s": round(steady, 1),
         "wall_s": round(wall, 1), "snippets_per_s": round(len(rows) / steady, 3),
         "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / steady, 1),
         "peak_gpu_memory_gib": memory.stop(),

@@ -91,7 +91,8 @@ def main() -> None:
     prompts, params = [], []
     for i, (s, p) in enumerate(zip(snippets, base)):
         for k in range(K):
-            common = dict(n=1, temperature=0.8, top_p=1.0, repetition_penalty=1.1, seed=i * K + k)
+            # no per-request seed: the official scripts set none (the engine's seed=0 makes a run repeatable)
+            common = dict(n=1, temperature=0.8, top_p=1.0, repetition_penalty=1.1)
             if model.real:
                 sp = SamplingParams(**common, max_tokens=SUMMARY_TOKENS_CAP, stop=["```"])
             else:
