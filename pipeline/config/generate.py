@@ -187,7 +187,8 @@ def check_engine_gpus(model: ModelConfig, compute: ComputeConfig) -> None:
     elif model.gpu_memory_utilization > share:
         raise ValueError(f"model.gpu_memory_utilization ({model.gpu_memory_utilization:g}) is more than this actor's "
                          f"share of its GPU (compute.num_gpus_per_actor = {gpus:g}): the engines sharing the GPU "
-                         f"would not all start; use at most {GPU_MEMORY_SHARE * share:.3g}, or leave it unset")
+                         f"would not all start; use at most {share:g}, or leave it unset "
+                         f"({GPU_MEMORY_SHARE * share:.3g})")
 
 
 @dataclass(config=_STRICT)
