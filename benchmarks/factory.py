@@ -158,6 +158,8 @@ def main() -> None:
         # the slowest engine start; with several engines on one GPU they start in turn (see the list)
         "engine_start_s": round(max(a["start_s"] for a in actors.values()), 1),
         "engine_starts_s": [round(a["start_s"], 1) for _, a in sorted(actors.items())],
+        # >= 0: no batch ran before the last engine was up, so the steady state had them all
+        "first_batch_after_last_start_s": round(first - max(r["init1"] for r in rows), 1),
         "steady_s": round(steady, 1),
         "wall_s": round(wall, 1), "snippets_per_s": round(len(rows) / steady, 3),
         "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / steady, 1),
