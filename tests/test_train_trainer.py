@@ -46,7 +46,15 @@ def _env() -> dict[str, str]:
 
 
 def _checkpoint_steps(output: Path) -> set[int]:
-    return {int(p.parent.name.split("_")[1]) for p in (output / "checkpoints").glob("step_*/state.json")}
+    """Steps whose checkpoint Ray Train has registered (its manager's snapshot), which a rerun resumes from.
+    A checkpoint's folder is written by the workers a moment before the controller registers it: a driver
+    killed in between resumes from the checkpoint before (CI saw one killed run start over from step 0)."""
+    snapshot = output / "checkpoints" / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write: look again
+        return set()
+    return {int(r["checkpoint_dir_name"].split("_")[1]) for r in results}
 
 
 def _logged_steps(log: Path) -> dict[int, str]:
