@@ -30,8 +30,8 @@ from benchmarks.common import device_name, table, versions
 PLAN = [
     ("embedded", "seed_replay", ["--model", "embedded", "--snippets", "256"], 420),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256"], 150),
-    # Both paths spend ~40-50 us of engine-core CPU per running request per step, while the GPU work of a
-    # 135M-1.4B model's step is a few ms: the GPU idles while one engine's Python schedules. Two engines on
+    # Both paths take 37-57 us of wall time per generated token at 135M and at 1.4B alike: the engine's Python,
+    # not the GPU, sets the pace, and the GPU idles while it schedules (benchmarks/RESULTS.md). Two engines on
     # the GPU (half of it each, starting in turn) overlap one's CPU with the other's GPU work. 512 running
     # requests each keep every decode step inside vLLM's CUDA graphs.
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--engines", "2", "--max-num-seqs", "512",
