@@ -164,21 +164,21 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
     outputs forever; instead the actor exits, Ray restarts it with a fresh engine and retries its batches,
     and the run ends complete: every snippet scored once."""
     pytest.importorskip("vllm")
-    import psutil
-
     import pipeline.generate
     from pipeline.inverse import InverseInstruct
 
     # The kill must land mid-run. Written files are a late sign of progress (Ray Data may hold the
     # writes back on 2 CPUs; 2 of 6 local runs killed after the last batch), so the actor marks each batch
-    # its engine has scored, and the killer waits for a few of them.
+    # its engine has scored, named by that engine's core process (from vLLM's client: a scan of process
+    # names once saw no engine core at all in CI), and the killer waits for a few of them.
     progress = tmp_path / "scored_batches"
     progress.mkdir()
 
     class CountingEngine(InverseInstruct):  # defined here: Ray pickles it by value into the actor
         def _score(self, batch):
             scored = super()._score(batch)
-            (progress / f"{os.getpid()}-{time.monotonic_ns()}").touch()
+            core = self.engine.llm.llm_engine.engine_core.resources.engine_manager.processes[0]
+            (progress / f"{core.pid}-{time.monotonic_ns()}").touch()
             return scored
 
     monkeypatch.setattr(pipeline.generate, "InverseInstruct", CountingEngine)
@@ -190,31 +190,23 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
     (folder / "real.jsonl").write_text("".join(json.dumps(row) + "\n" for row in corpus[:80]))
     bad_rows_jsonl(folder / "zz_bad.jsonl")
 
-    def engine_cores() -> dict[int, psutil.Process]:
-        # "VLLM::EngineCore" is longer than the kernel's 15-character process name: match what is left.
-        return {p.pid: p for p in psutil.process_iter(["name", "cmdline"])
-                if "VLLM::EngineCor" in f"{p.info['name']} {' '.join(p.info['cmdline'] or [])}"}
+    def engines_that_scored() -> list[int]:  # engine core pids, in the order of their first scored batch
+        marks = sorted(progress.iterdir(), key=lambda f: int(f.name.split("-")[1]))
+        return list(dict.fromkeys(int(f.name.split("-")[0]) for f in marks))
 
-    others = set(engine_cores())  # e.g. the engine another test module keeps for the session
     out = tmp_path / "run"
     cfg = load_config(overrides=tiny_overrides(tiny_model, folder, out, **{
         "model.engine": "vllm", "model.cpu_memory_utilization": 0.15, "compute.batch_size": 1,
         "compute.concurrent_batches": 1, "summarize.max_new_tokens": 64}))
-    seen: set[int] = set()
     killed: list[int] = []
     done = threading.Event()
 
     def kill_the_first_engine_once_it_has_scored_three_batches() -> None:
-        while not done.is_set():
-            try:
-                cores = {pid: p for pid, p in engine_cores().items() if pid not in others}
-                seen.update(cores)
-                if not killed and cores and len(list(progress.iterdir())) >= 3:
-                    pid, proc = next(iter(cores.items()))
-                    proc.send_signal(signal.SIGKILL)
-                    killed.append(pid)
-            except psutil.Error:  # a process ended while being looked at: look again
-                pass
+        while not done.is_set() and not killed:
+            if len(list(progress.iterdir())) >= 3:
+                pid = engines_that_scored()[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
             time.sleep(0.1)
 
     killer = threading.Thread(target=kill_the_first_engine_once_it_has_scored_three_batches, daemon=True)
@@ -224,8 +216,9 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
     finally:
         done.set()
         killer.join()
-    assert killed, f"the engine core was never killed (engine cores seen: {sorted(seen)})"
-    assert seen - set(killed), f"no fresh engine took over (engine cores seen: {sorted(seen)})"
+    seen = engines_that_scored()
+    assert killed, f"the engine core was never killed (engine cores that scored batches: {seen})"
+    assert set(seen) - set(killed), f"no fresh engine scored a batch (engine cores that did: {seen})"
     # One death, with one snippet in flight: it runs again alone and is NOT rejected (that takes a second
     # death with it alone, see tests/test_crash_isolation.py).
     assert manifest["engine_crashes"] == {"actor_deaths": 1, "in_flight_at_deaths": 1, "rejected": 0}
