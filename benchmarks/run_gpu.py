@@ -6,14 +6,18 @@ Each step is its own process (a clean GPU between variants; vLLM engines do not 
 back in-process), with a timeout from what is left of the budget, so a slow step costs only itself.
 Every RESULT line is appended to OUT/results.jsonl at once; at the end the table of everything in that
 file is printed (so the last part prints all parts). The embedded part must run first: it measures the
-real summary lengths (lengths.json) that the random-weight models are forced to.
+real summary lengths (lengths.json) that the random-weight models are forced to. Where py-spy can read
+processes, each step runs under it (never pausing them): OUT/logs/ gets the step's sampled stacks and where
+its engine's time went (benchmarks/stacks.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import device_name, table, versions
+from benchmarks.stacks import read_lines, render, summarize
 
 # (part, module, args, seconds it needs on a fresh H100, measured or estimated: skipped when less is left).
 # The first engine start on a machine compiles (torch.compile, FlashInfer autotune: ~240 s for the embedded
@@ -36,6 +41,9 @@ PLAN = [
     # requests each keep every decode step inside vLLM's CUDA graphs.
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--engines", "2", "--max-num-seqs", "512",
                              "--label", "factory_2_engines"], 200),
+    # if two engines pay, do four pay more (until the GPU itself is busy)?
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--engines", "4", "--max-num-seqs", "512",
+                             "--label", "factory_4_engines"], 330),
     # vLLM's H100 defaults run up to 1,024 requests but capture CUDA graphs for steps of up to 512 tokens only:
     # the factory's 1,280 requests in flight decode without graphs; seed_replay's chunks of 512 never do
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--max-num-seqs", "512", "--label",
@@ -59,8 +67,6 @@ PLAN = [
                          "factory_max_seqs_512"], 120),
     ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "256", "--engines", "2", "--max-num-seqs", "512",
                          "--label", "factory_2_engines"], 220),
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--engines", "4", "--max-num-seqs", "512",
-                             "--label", "factory_4_engines"], 330),
     ("6.7b", "seed_replay", ["--model", "llama-6.7b", "--snippets", "128"], 360),
     ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "128"], 200),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--ngram-spec", "4", "--label",
@@ -101,6 +107,50 @@ def gpu_free() -> str:
         return "no nvidia-smi"
 
 
+STACK_RATE = 50  # py-spy samples per second and process
+
+
+def sampled(cmd: list[str], stacks: Path) -> list[str]:
+    """`cmd` under py-spy (every process it starts, idle frames included, never paused). py-spy exits 0 whatever
+    its child does, so a shell prints the child's exit status last (read back by `exit_status`)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")  # a venv's, not on PATH
+    return [py_spy, "record", "--subprocesses", "--idle", "--nonblocking", "--rate", str(STACK_RATE),
+            "--format", "raw", "-o", str(stacks), "--", "sh", "-c", '"$@"; echo "STEP_EXIT $?"', "sh", *cmd]
+
+
+def exit_status(stdout: str, rc: int) -> int:
+    lines = [line for line in stdout.splitlines() if line.startswith("STEP_EXIT ")]
+    return int(lines[-1].split()[1]) if lines and rc == 0 else rc
+
+
+def py_spy_works(workdir: Path) -> bool:
+    """py-spy needs to read other processes' memory (ptrace rules of the machine): try it on a short child."""
+    probe = workdir / "probe.stacks"
+    cmd = sampled([sys.executable, "-c", "import time; time.sleep(1)"], probe)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"steps run without py-spy: {err}")
+        return False
+    ok = exit_status(done.stdout, done.returncode) == 0 and probe.exists() and "<module>" in probe.read_text()
+    if not ok:
+        print(f"steps run without py-spy, which does not work here: {(done.stdout + done.stderr)[-300:]}")
+    probe.unlink(missing_ok=True)
+    return ok
+
+
+def where_time_went(stacks: Path) -> None:
+    """Summarize the step's stacks next to its log and keep them gzipped (they are read again with stacks.py)."""
+    if not stacks.exists():
+        return
+    text = render(summarize(read_lines(stacks)), STACK_RATE)
+    stacks.with_suffix(".where.txt").write_text(text + "\n")
+    with open(stacks, "rb") as src, gzip.open(f"{stacks}.gz", "wb") as dst:
+        dst.writelines(src)
+    stacks.unlink()
+    print(text[:1500], flush=True)  # all of it is in the file
+
+
 def kill_leftovers(mark: str) -> None:
     """SIGKILL what a finished step left behind (vLLM engine cores, Ray daemons and workers), found by the
     marker in their environment: they outlive the step's process group, and other processes on the machine
@@ -126,6 +176,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmark-out")))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every --snippets (CPU smoke runs: 0.01)")
     ap.add_argument("--only", default="", help="comma-separated variant labels/modules to run (default: all)")
+    ap.add_argument("--no-stacks", action="store_true", help="do not run the steps under py-spy")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
@@ -135,6 +186,7 @@ def main() -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
 
     done = {(r["model"], r["variant"]) for r in read_rows(results)}  # re-running a part resumes it
+    profile = not args.no_stacks and py_spy_works(args.out)
     for n, (part, module, step_args, need_s) in enumerate(PLAN):
         label = step_args[step_args.index("--label") + 1] if "--label" in step_args else module
         if args.part not in ("all", part) or (args.only and label not in args.only.split(",")):
@@ -148,18 +200,29 @@ def main() -> None:
         cmd = [sys.executable, "-m", f"benchmarks.{module}", *scaled(step_args, args.scale)]
         print(f"RUN  {part} {label}: {' '.join(cmd[1:])} (timeout {left:.0f}s; {gpu_free()})", flush=True)
         log_path = args.out / "logs" / f"{n:02d}-{part}-{label}.log"
+        stacks = log_path.with_suffix(".stacks")
         t0 = time.time()
         mark = f"{os.getpid()}-{n}"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                    env={**env, STEP_MARK: mark}, start_new_session=True)
+            proc = subprocess.Popen(sampled(cmd, stacks) if profile else cmd, stdout=subprocess.PIPE, stderr=log,
+                                    text=True, env={**env, STEP_MARK: mark}, start_new_session=True)
             try:
                 stdout, _ = proc.communicate(timeout=left)
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: vLLM's engine core holds the GPU
+                if profile:  # py-spy writes the stacks of a step that ran out of time (where it hung) on SIGINT
+                    proc.send_signal(signal.SIGINT)
+                    try:
+                        proc.wait(15)
+                    except subprocess.TimeoutExpired:
+                        pass
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: vLLM's engine core holds the GPU
+                except ProcessLookupError:
+                    pass
                 stdout, rc = proc.communicate()[0] or "", -9
             log.write(stdout)
+        rc = exit_status(stdout, rc)
         kill_leftovers(mark)  # an engine core or Ray worker that outlived its step would starve the next one
         found = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
         with open(results, "a") as f:
@@ -170,6 +233,7 @@ def main() -> None:
         print(f"DONE {part} {label}: {status} in {time.time() - t0:.0f}s", flush=True)
         if rc != 0:
             print("".join(open(log_path).readlines()[-25:]), flush=True)
+        where_time_went(stacks)
 
     rows = read_rows(results)
     baseline = {r["model"]: r["snippets_per_s"] for r in rows if r["variant"] == "seed_replay"}

@@ -1,11 +1,11 @@
-"""Pack what the GPU machine needs besides ../shared/gpu's wheels: the embedded model (bf16) and pytest.
+"""Pack what the GPU machine needs besides ../shared/gpu's wheels: the embedded model (bf16), pytest and py-spy.
 
     .venv/bin/python scripts/pack_gpu_extras.py [--part-mb 55]
 
 Writes .gpuwheels/m01, m02, ... (ignored by git, like the wheel folders): the model's small files, its
 bf16 safetensors split in parts, and the pytest wheels. Carry each folder with one device `run`, then
 on the machine: `bash /tmp/gw/m01/unpack.sh` (puts the model where pipeline.models looks for it under
-INVERSE_INSTRUCT_HOME=/tmp/iihome, installs pytest into /tmp/site).
+INVERSE_INSTRUCT_HOME=/tmp/iihome, installs pytest and py-spy into /tmp/site).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 UNPACK = r"""#!/bin/bash
-# Reassemble the embedded model and install pytest (run on the GPU machine after carrying every mNN).
+# Reassemble the embedded model, install pytest and py-spy (run on the GPU machine after carrying every mNN).
 set -euo pipefail
 GW=${1:-/tmp/gw}
 DEST=/tmp/iihome/models/SmolLM2-135M-Instruct
@@ -26,7 +26,7 @@ cp "$GW"/m01/model/* "$DEST"/
 cat "$GW"/m*/part.* > "$DEST/model.safetensors"
 (cd "$DEST" && sha256sum -c "$GW/m01/model.sha256")
 pip install --no-index --no-deps --target /tmp/site "$GW"/m01/wheels/*.whl -q 2>&1 | tail -2 || true
-echo "model in $DEST; pytest in /tmp/site"
+echo "model in $DEST; pytest and py-spy in /tmp/site"
 """
 
 
@@ -60,7 +60,7 @@ def main() -> None:
         (folder / f"part.{i // size:03d}").write_bytes(data[i:i + size])
     blob.unlink()
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d",
-                    str(first / "wheels"), "pytest", "pluggy", "iniconfig"], check=True)
+                    str(first / "wheels"), "pytest", "pluggy", "iniconfig", "py-spy"], check=True)
     (first / "unpack.sh").write_text(UNPACK)
     for folder in sorted(root.glob("m[0-9][0-9]")):
         mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20

@@ -65,3 +65,68 @@ def test_every_step_of_the_gpu_plan_parses_with_its_script():
     for part, module, args, _ in PLAN:
         parsed = importlib.import_module(f"benchmarks.{module}").parser().parse_args(args)
         assert getattr(parsed, "model", MODEL_NAMES[part]) == MODEL_NAMES[part], (part, args)
+
+
+ENGINE_CORE = 'process 7:"python -m benchmarks.factory";process 9:"VLLM::EngineCore; odd ( cmdline"'
+LOOP = "EngineCoreProc.run_busy_loop (vllm/v1/engine/core.py:880)"
+
+
+def test_stacks_summary_splits_each_loop_into_a_tree_of_wall_time_shares():
+    from benchmarks.stacks import summarize
+
+    lines = [
+        f"{ENGINE_CORE};<module> (<string>:1);{LOOP};EngineCore.step (vllm/v1/engine/core.py:400);"
+        "Scheduler.schedule (vllm/v1/core/sched/scheduler.py:312) 30\n",
+        f"{ENGINE_CORE};<module> (<string>:1);{LOOP};EngineCore.step (vllm/v1/engine/core.py:402);"
+        "Scheduler.schedule (vllm/v1/core/sched/scheduler.py:340) 20\n",  # another line, the same function
+        f"{ENGINE_CORE};<module> (<string>:1);{LOOP};EngineCore.step (vllm/v1/engine/core.py:410);"
+        "wait_for_gpu (vllm/v1/worker/gpu_model_runner.py:90) 49\n",
+        f'process 7:"python";process 11:"VLLM::EngineCore";{LOOP} 1\n',  # a second engine, in its loop itself
+        f"{ENGINE_CORE};<module> (<string>:1);EngineCore.__init__ (vllm/v1/engine/core.py:80) 500\n",  # start-up
+        # a command line with a newline in it spreads one record over two lines
+        'process 7:"python -c \n import benchmarks";run (pipeline/engines/vllm_loop.py:120);'
+        "EngineLoop._serve (pipeline/engines/vllm_loop.py:130);LLMEngine.step (vllm/v1/engine/llm_engine.py:250);"
+        "SyncMPClient.get_output (vllm/v1/engine/core_client.py:700);Queue.get (queue.py:180) 4\n",
+    ]
+    summary = summarize("".join(lines).splitlines(keepends=True), min_share=0.05)  # lines as a file has them
+    core = summary["engine core"]
+    assert (core["samples"], core["processes"]) == (100, 2)  # the engine's start-up is not in its loop
+    [(step, share, children)] = core["tree"]
+    assert (step, share) == ("EngineCore.step (vllm/v1/engine/core.py)", 0.99)
+    assert [c[:2] for c in children] == [["Scheduler.schedule (vllm/v1/core/sched/scheduler.py)", 0.5],
+                                         ["wait_for_gpu (vllm/v1/worker/gpu_model_runner.py)", 0.49]]
+    assert core["self"][-1] == ["(the loop itself)", 0.01]
+    feeding = summary["feeding loop"]  # one call chain: folded into one entry
+    assert (feeding["samples"], feeding["processes"]) == (4, 1)
+    assert feeding["tree"] == [["LLMEngine.step › SyncMPClient.get_output › Queue.get (queue.py)", 1.0, []]]
+    assert "model worker" not in summary  # vLLM ran the model in the engine core's process
+
+
+def test_run_gpu_samples_a_step_and_every_process_it_starts(tmp_path):
+    # The real py-spy (a dev dependency) on a child that runs a loop named like vLLM's in a spawned process:
+    # what run_gpu.py does to every step on the GPU machine, where nobody can debug it.
+    from benchmarks.run_gpu import exit_status, py_spy_works, sampled
+    from benchmarks.stacks import read_lines, summarize
+
+    script = tmp_path / "engine.py"
+    script.write_text(
+        "import multiprocessing as mp, sys, time\n"
+        "def schedule(until):\n"
+        "    while time.time() < until: sum(range(100))\n"
+        "class EngineCoreProc:\n"
+        "    def run_busy_loop(self):\n"
+        "        schedule(time.time() + 1.5)\n"
+        "        time.sleep(1.0)\n"
+        "if __name__ == '__main__':\n"
+        "    mp.set_start_method('spawn')\n"
+        "    p = mp.Process(target=EngineCoreProc().run_busy_loop); p.start(); p.join()\n"
+        "    sys.exit(3)\n")
+    assert py_spy_works(tmp_path)
+    stacks = tmp_path / "step.stacks"
+    done = subprocess.run(sampled([sys.executable, str(script)], stacks), capture_output=True, text=True,
+                          timeout=120)
+    assert exit_status(done.stdout, done.returncode) == 3, done.stdout + done.stderr
+    core = summarize(read_lines(stacks))["engine core"]
+    shares = {frame.split(" ")[0]: share for frame, share, _ in core["tree"]}
+    assert core["processes"] == 1 and core["samples"] > 50
+    assert shares["schedule"] == pytest.approx(0.6, abs=0.15)  # idle frames count: sleeping is in the loop itself
