@@ -1,6 +1,6 @@
 """Pack what the GPU machine needs besides ../shared/gpu's wheels: the embedded model (bf16), pytest and py-spy.
 
-    .venv/bin/python scripts/pack_gpu_extras.py [--part-mb 55]
+    .venv/bin/python scripts/pack_gpu_extras.py [--part-mb 52]
 
 Writes .gpuwheels/m01, m02, ... (ignored by git, like the wheel folders): the model's small files, its
 bf16 safetensors split in parts, and the pytest wheels. Carry each folder with one device `run`, then
@@ -32,7 +32,8 @@ echo "model in $DEST; pytest and py-spy in /tmp/site"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--part-mb", type=int, default=55)
+    # a device `run` carries at most 64 MiB with the working tree (~4 MiB); m01 also holds the tokenizer and wheels
+    ap.add_argument("--part-mb", type=int, default=52)
     args = ap.parse_args()
     import torch
     from safetensors.torch import load_file, save_file
@@ -64,7 +65,7 @@ def main() -> None:
     (first / "unpack.sh").write_text(UNPACK)
     for folder in sorted(root.glob("m[0-9][0-9]")):
         mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
-        print(f"{folder}  {mb:.1f} MiB")
+        print(f"{folder}  {mb:.1f} MiB" + ("  TOO BIG: carry at most 64 MiB with the working tree" if mb > 60 else ""))
 
 
 if __name__ == "__main__":
