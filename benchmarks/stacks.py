@@ -106,7 +106,7 @@ def _prune(tree: dict, total: int, min_share: float) -> list:
 def render(summary: dict, rate: int | None = None) -> str:
     text = []
     for loop, s in summary.items():
-        seconds = f", {s['samples'] / rate:.0f} s" if rate else ""
+        seconds = f", {s['samples'] / rate:.0f} s in all" if rate else ""
         text.append(f"## {loop}: {s['samples']} samples in {s['processes']} process(es){seconds}")
         text.append("share of the loop's wall time, by call tree (children >= the minimum share):")
         text.extend(_tree_lines(s["tree"], 0))
