@@ -6,9 +6,11 @@ Each step is its own process (a clean GPU between variants; vLLM engines do not 
 back in-process), with a timeout from what is left of the budget, so a slow step costs only itself.
 Every RESULT line is appended to OUT/results.jsonl at once; at the end the table of everything in that
 file is printed (so the last part prints all parts). The embedded part must run first: it measures the
-real summary lengths (lengths.json) that the random-weight models are forced to. Where py-spy can read
-processes, each step runs under it (never pausing them): OUT/logs/ gets the step's sampled stacks and where
-its engine's time went (benchmarks/stacks.py).
+real summary lengths (lengths.json) that the random-weight models are forced to. Steps labelled *_sampled
+(all steps with --stacks all) run under py-spy where it can read processes: OUT/logs/ gets the step's sampled
+stacks and where its engine's time went (benchmarks/stacks.py). Only those: py-spy takes CPU (half a core
+for an idle Ray cluster here; on 2 cores a whole `generate` ran 6.6x slower under it), and the CPU is what
+binds these runs.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ PLAN = [
     # if two engines pay, do four pay more (until the GPU itself is busy)?
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--engines", "4", "--max-num-seqs", "512",
                              "--label", "factory_4_engines"], 330),
+    # `factory` again under py-spy: where its engine core's time goes (logs/*.where.txt), and, against the plain
+    # `factory` above, what the sampling itself costs
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--label", "factory_sampled"], 130),
     # vLLM's H100 defaults run up to 1,024 requests but capture CUDA graphs for steps of up to 512 tokens only:
     # the factory's 1,280 requests in flight decode without graphs; seed_replay's chunks of 512 never do
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--max-num-seqs", "512", "--label",
@@ -176,7 +181,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmark-out")))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every --snippets (CPU smoke runs: 0.01)")
     ap.add_argument("--only", default="", help="comma-separated variant labels/modules to run (default: all)")
-    ap.add_argument("--no-stacks", action="store_true", help="do not run the steps under py-spy")
+    ap.add_argument("--stacks", choices=["sampled", "all", "none"], default="sampled",
+                    help="which steps run under py-spy: those labelled *_sampled (default), all, none")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
@@ -186,7 +192,7 @@ def main() -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
 
     done = {(r["model"], r["variant"]) for r in read_rows(results)}  # re-running a part resumes it
-    profile = not args.no_stacks and py_spy_works(args.out)
+    sampling = args.stacks != "none" and py_spy_works(args.out)
     for n, (part, module, step_args, need_s) in enumerate(PLAN):
         label = step_args[step_args.index("--label") + 1] if "--label" in step_args else module
         if args.part not in ("all", part) or (args.only and label not in args.only.split(",")):
@@ -204,6 +210,7 @@ def main() -> None:
         t0 = time.time()
         mark = f"{os.getpid()}-{n}"
         with open(log_path, "w") as log:
+            profile = sampling and (args.stacks == "all" or label.endswith("_sampled"))
             proc = subprocess.Popen(sampled(cmd, stacks) if profile else cmd, stdout=subprocess.PIPE, stderr=log,
                                     text=True, env={**env, STEP_MARK: mark}, start_new_session=True)
             try:
