@@ -3,7 +3,7 @@
     .venv/bin/python scripts/pack_gpu_extras.py [--part-mb 52]
 
 Writes .gpuwheels/m01, m02, ... (ignored by git, like the wheel folders): the model's small files, its
-bf16 safetensors split in parts, and the pytest wheels. Carry each folder with one device `run`, then
+bf16 safetensors split in parts, and the pytest and py-spy wheels. Carry each folder with one device `run`, then
 on the machine: `bash /tmp/gw/m01/unpack.sh` (puts the model where pipeline.models looks for it under
 INVERSE_INSTRUCT_HOME=/tmp/iihome, installs pytest and py-spy into /tmp/site).
 """
