@@ -2,12 +2,12 @@
 
     python -m benchmarks.stacks STEP.stacks[.gz] [--min-share 0.02] [--depth 16] [--rate 50] [--json]
 
-run_gpu.py runs each step under `py-spy record --subprocesses --idle --nonblocking --format raw` when py-spy
-can read processes on the machine (--nonblocking: the processes are never paused, so the numbers are not
-slowed). Both paths are bound by per-token work in vLLM's engine core, not by the GPU (benchmarks/RESULTS.md,
-"Where the time goes"); this names that work. Three loops are summarized, each as a tree of the functions
-below it with their share of the loop's samples. Idle frames are included, so the shares are of wall time: waiting
-for the GPU or for a socket shows up as the frame that waits.
+run_gpu.py runs its *_sampled steps (every step with --stacks all) under `py-spy record --subprocesses --idle
+--nonblocking --format raw` when py-spy can read processes on the machine (--nonblocking: no process is ever
+paused; py-spy still takes CPU of its own). Both paths are bound by per-token work in vLLM's engine core, not
+by the GPU (benchmarks/RESULTS.md, "Where the time goes"); this names that work. Three loops are summarized,
+each as a tree of the functions below it with their share of the loop's samples. Idle frames are included, so
+the shares are of wall time: waiting for the GPU or for a socket shows up as the frame that waits.
 - engine core: vLLM's busy loop (`run_busy_loop`), in its own process (one per engine);
 - model worker: where the model runs in a process of its own (`worker_busy_loop`: vLLM's multiprocess
   executor, e.g. on CPUs or with tensor parallelism; with one GPU the engine core runs the model itself);
