@@ -71,6 +71,8 @@ def test_judge_scores_match_transformers_within_0_02(vllm_engine, hf_engine, jud
     lp_vllm = vllm_engine.next_token_logprobs(judge_prompts, yes + no)
     lp_hf = hf_engine.next_token_logprobs(judge_prompts, yes + no)
     assert np.isfinite(lp_vllm).all(), "logprob_token_ids must return every requested id"
+    # without `logprobs`: with it vLLM also ranks a top-k list over the vocabulary for the whole step, unused
+    assert vllm_engine._judge_params(yes + no).logprobs is None
     s_vllm, s_hf = yes_probability(lp_vllm, len(yes)), yes_probability(lp_hf, len(yes))
     diff = float(np.max(np.abs(s_vllm - s_hf)))
     print(f"\nparity over {len(judge_prompts)} judge prompts: max |score diff| = {diff:.6f}, "
@@ -106,7 +108,7 @@ def test_over_long_prompt_is_rejected_not_fatal(vllm_engine):
 
 
 def test_top_k_fallback_for_older_vllm_agrees_where_tokens_are_reported(vllm_engine, judge_prompts):
-    """vLLM without `logprob_token_ids` (before 0.32): the top-20 list, absent ids = -inf."""
+    """vLLM without `logprob_token_ids` (older than 0.26): the top-20 list, absent ids = -inf."""
     tok = vllm_engine.tokenizer
     ids = single_token_ids(tok, ["Yes", "No", " Yes", " No"])
     exact = vllm_engine.next_token_logprobs(judge_prompts, ids)

@@ -2,7 +2,7 @@
 
 Summarize uses vLLM's n-sampling (one request per snippet, n=K: the prompt is prefilled once for all K).
 Judge reads the first token's log-probabilities of the Yes/No ids directly with
-`SamplingParams.logprob_token_ids` where the installed vLLM has it (0.32 does); older versions fall back
+`SamplingParams.logprob_token_ids` where the installed vLLM has it (0.26 and 0.32 do); older versions fall back
 to the top-`max_logprobs` list, where an absent id counts as -inf. Prompt log-probabilities are never
 requested: in vLLM they disable prefix caching and allocate a [tokens x vocab] tensor.
 Every request goes through one engine-loop thread (vllm_loop.py), which lets several batches of one
@@ -111,8 +111,10 @@ class VLLMEngine:
 
     def _judge_params(self, token_ids: list[int]):
         if self._has_token_ids:
-            return self._params(temperature=0.0, max_tokens=1, logprobs=len(token_ids),
-                                logprob_token_ids=token_ids, output_kind=self._final_only)
+            # `logprobs` unset: with it, vLLM also computes a top-k list and its ranks over the whole vocabulary
+            # for every request in each step a judge request is in, and then discards it for these ids
+            return self._params(temperature=0.0, max_tokens=1, logprob_token_ids=token_ids,
+                                output_kind=self._final_only)
         return self._params(temperature=0.0, max_tokens=1, logprobs=_FALLBACK_TOP_K, output_kind=self._final_only)
 
     def _generate(self, prompts: list[list[int]], params) -> list:
@@ -207,7 +209,7 @@ def _use_all_cores_on_small_cpus(max_cores: int = 4) -> None:
 def _supports_logprob_token_ids(sampling_params: type) -> bool:
     """True where SamplingParams takes `logprob_token_ids` (a msgspec struct in recent vLLM, so ask it)."""
     try:
-        sampling_params(max_tokens=1, logprobs=1, logprob_token_ids=[0])
+        sampling_params(max_tokens=1, logprob_token_ids=[0])
     except TypeError:
         return False
     return True
