@@ -1,7 +1,10 @@
 """The vLLM engine on a CUDA GPU (skipped without one; CI has none: results go to benchmarks/RESULTS.md).
 
-What users run on GPUs: bfloat16, tensor parallel size 1, compiled graphs, chunked prefill on. Checked
-against the transformers engine in bfloat16 on the same token-id prompts of the embedded model.
+The GPU path users run (tensor parallel size 1, compiled graphs, chunked prefill on), in float32: checked
+against the transformers engine on the same token-id prompts of the embedded model. Float32, not the bf16 of
+production runs, because bf16 rounding alone moves judge scores by more than the 0.02 the parity check allows
+(transformers float32 vs bf16 on CPU, 48 judge prompts: max 0.070, mean 0.022); the bf16 figure on the GPU is
+printed for the record.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 MAX_LEN = 2048
 
 
-def gpu_config(engine: str) -> ModelConfig:
-    return ModelConfig(engine=engine, dtype="bfloat16", max_model_len=MAX_LEN, tensor_parallel_size=1,
+def gpu_config(engine: str, dtype: str = "float32") -> ModelConfig:
+    return ModelConfig(engine=engine, dtype=dtype, max_model_len=MAX_LEN, tensor_parallel_size=1,
                        gpu_memory_utilization=0.5, seed=0)
 
 
@@ -55,7 +58,7 @@ def snippets(corpus) -> list[tuple[str, Snippet]]:
     return found
 
 
-def test_judge_parity_with_transformers_bf16(gpu_vllm, gpu_hf, snippets):
+def test_judge_parity_with_transformers(gpu_vllm, gpu_hf, snippets):
     builder = PromptBuilder(gpu_vllm.tokenizer, "chat")
     prompts = [builder.judge(cand, s.code, s.lang) for i, (_, s) in enumerate(snippets)
                for cand in (snippets[i][0], snippets[(i + 1) % len(snippets)][0], "Write a poem about the sea.")]
@@ -64,8 +67,14 @@ def test_judge_parity_with_transformers_bf16(gpu_vllm, gpu_hf, snippets):
     s_vllm = yes_probability(gpu_vllm.next_token_logprobs(prompts, yes + no), len(yes))
     s_hf = yes_probability(gpu_hf.next_token_logprobs(prompts, yes + no), len(yes))
     diff = float(np.max(np.abs(s_vllm - s_hf)))
-    print(f"\nGPU bf16 parity over {len(prompts)} judge prompts: max |score diff| = {diff:.4f}, "
+    print(f"\nGPU float32 parity over {len(prompts)} judge prompts: max |score diff| = {diff:.4f}, "
           f"mean {float(np.mean(np.abs(s_vllm - s_hf))):.4f}")
+    from pipeline.engines.hf_engine import HFEngine
+
+    hf_bf16 = HFEngine(gpu_config("transformers", "bfloat16"), str(embedded_model_dir()))
+    s_bf16 = yes_probability(hf_bf16.next_token_logprobs(prompts, yes + no), len(yes))
+    print(f"bf16 rounding on the GPU (transformers bf16 vs float32): max |score diff| = "
+          f"{float(np.max(np.abs(s_bf16 - s_hf))):.4f}, mean {float(np.mean(np.abs(s_bf16 - s_hf))):.4f}")
     assert diff < 0.02
 
 
@@ -81,7 +90,7 @@ def test_fused_batch_on_gpu_rejects_over_long_prompt_and_matches_step_by_step(gp
     for result in out.values():
         assert result[0]["reason"] == "prompt too long"
         assert all(r["reason"] is None and len(r["scores"]) == 4 for r in result[1:])
-    # Per-snippet seeds give the same samples in both schedules unless bf16 kernels that depend on the batch
+    # Per-snippet seeds give the same samples in both schedules unless GPU kernels that depend on the batch
     # shape flip a near-tie token (vLLM on GPUs is not batch-invariant), after which a sample goes its own
     # way; how often that happens is the GPU's business, not ours. Unseeded samples of up to 48 tokens at
     # temperature 0.8 would almost never agree, so a quarter agreeing shows both schedules use the seeds;
