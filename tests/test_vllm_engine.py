@@ -108,7 +108,7 @@ def test_over_long_prompt_is_rejected_not_fatal(vllm_engine):
 
 
 def test_top_k_fallback_for_older_vllm_agrees_where_tokens_are_reported(vllm_engine, judge_prompts):
-    """vLLM without `logprob_token_ids` (older than 0.26): the top-20 list, absent ids = -inf."""
+    """vLLM without `logprob_token_ids` (older versions): the top-20 list, absent ids = -inf."""
     tok = vllm_engine.tokenizer
     ids = single_token_ids(tok, ["Yes", "No", " Yes", " No"])
     exact = vllm_engine.next_token_logprobs(judge_prompts, ids)
