@@ -114,9 +114,13 @@ def test_run_gpu_samples_a_step_and_every_process_it_starts(tmp_path):
         "def schedule(until):\n"
         "    while time.time() < until: sum(range(100))\n"
         "class EngineCoreProc:\n"
+        # busy 60% of each short cycle, not one long busy phase: py-spy may attach to a new process late
+        # (the likely cause of 0.435 in one CI run with 1.5 s busy, then 1 s asleep), and a late start must
+        # not change the shares
         "    def run_busy_loop(self):\n"
-        "        schedule(time.time() + 1.5)\n"
-        "        time.sleep(1.0)\n"
+        "        for _ in range(12):\n"
+        "            schedule(time.time() + 0.15)\n"
+        "            time.sleep(0.1)\n"
         "if __name__ == '__main__':\n"
         "    mp.set_start_method('spawn')\n"
         "    p = mp.Process(target=EngineCoreProc().run_busy_loop); p.start(); p.join()\n"
