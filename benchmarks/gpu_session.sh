@@ -30,8 +30,9 @@ pack_out() {
 if [ ! -d /tmp/site/vllm ]; then
   bash /tmp/gw/p01/install.sh /tmp/gw > "$BENCH/install.log" 2>&1 || { tail -40 "$BENCH/install.log"; pack_out; exit 1; }
 fi
-[ -f /tmp/iihome/models/SmolLM2-135M-Instruct/model.safetensors ] || bash /tmp/gw/m01/unpack.sh /tmp/gw || exit 1
-export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages PATH=/tmp/site/bin:$PATH
+[ -f /tmp/iihome/models/SmolLM2-135M-Instruct/model.safetensors ] && [ -x /tmp/site-extras/bin/py-spy ] || bash /tmp/gw/m01/unpack.sh /tmp/gw || exit 1
+export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site-extras
+export PATH=/tmp/site/bin:/tmp/site-extras/bin:$PATH
 export PYTHONUNBUFFERED=1 INVERSE_INSTRUCT_HOME=/tmp/iihome TOKENIZERS_PARALLELISM=false
 # The one engine start that worked in session 1 (seed_replay) had CUDA initialised in the parent, so vLLM
 # spawned its engine core; the two that failed (GPU tests) forked it. Spawn everywhere until that is understood.

@@ -5,7 +5,7 @@
 Writes .gpuwheels/m01, m02, ... (ignored by git, like the wheel folders): the model's small files, its
 bf16 safetensors split in parts, and the pytest and py-spy wheels. Carry each folder with one device `run`, then
 on the machine: `bash /tmp/gw/m01/unpack.sh` (puts the model where pipeline.models looks for it under
-INVERSE_INSTRUCT_HOME=/tmp/iihome, installs pytest and py-spy into /tmp/site).
+INVERSE_INSTRUCT_HOME=/tmp/iihome, installs pytest and py-spy into /tmp/site-extras).
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ mkdir -p "$DEST"
 cp "$GW"/m01/model/* "$DEST"/
 cat "$GW"/m*/part.* > "$DEST/model.safetensors"
 (cd "$DEST" && sha256sum -c "$GW/m01/model.sha256")
-pip install --no-index --no-deps --target /tmp/site "$GW"/m01/wheels/*.whl -q 2>&1 | tail -2 || true
-echo "model in $DEST; pytest and py-spy in /tmp/site"
+# a folder of their own: pip --target leaves an existing bin/ alone, so py-spy's binary would not land in
+# /tmp/site/bin (the vllm wheels' folder) -- it did not, on the H100 on 2026-11-24
+pip install --no-index --no-deps --target /tmp/site-extras "$GW"/m01/wheels/*.whl -q 2>&1 | tail -2 || true
+test -x /tmp/site-extras/bin/py-spy || echo "py-spy binary missing from /tmp/site-extras/bin"
+echo "model in $DEST; pytest and py-spy in /tmp/site-extras"
 """
 
 
