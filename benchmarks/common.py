@@ -122,12 +122,15 @@ def forced_length(snippet_id: str, lengths: list[int]) -> int:
     return max(1, int(lengths[h % len(lengths)]))
 
 
+MEASURED_LENGTHS = Path(__file__).parent / "results" / "lengths-embedded.json"
+
+
 def read_lengths(workdir: Path) -> dict:
+    """The embedded model's real output lengths (summary tokens per sample, judge tokens per prompt) that the
+    random-weight models are forced to: those seed_replay measured on this machine (workdir/lengths.json),
+    else the committed measurement, so that a session may run the other shapes first. `source` says which."""
     path = workdir / "lengths.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    # Before the embedded model has run: a fallback (median ~60 tokens) that says it is one.
-    return {"summary": [20, 35, 48, 60, 60, 72, 90, 120], "judge": [2], "source": "fallback"}
+    return json.loads((path if path.exists() else MEASURED_LENGTHS).read_text())
 
 
 class GpuMemory:

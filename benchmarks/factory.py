@@ -151,6 +151,7 @@ def main() -> None:
     busy = max(loop["loop_busy_s"], 1e-9)
     emit({
         "variant": args.label, "model": model.name, "params": model.params, "real_weights": model.real,
+        "forced_lengths": None if model.real else lengths["source"],
         "snippets": len(rows), "failed_snippets": failed, "batch_size": cfg.compute.batch_size,
         "concurrent_batches": cfg.compute.concurrent_batches,
         "overlap": cfg.compute.overlap, "code_first": args.code_first, "ngram_spec": args.ngram_spec,
@@ -161,6 +162,12 @@ def main() -> None:
         # >= 0: no batch ran before the last engine was up, so the steady state had them all
         "first_batch_after_last_start_s": round(first - max(r["init1"] for r in rows), 1),
         "steady_s": round(steady, 1),
+        # when the last of the first engines x concurrent_batches batches started: until then some engine
+        # slot had nothing to do. Ray Data's streaming repartition hands out its first blocks slowly (~4 s
+        # to fill 8 slots with a sleeping actor on CPU; 0.03 s from pre-split blocks): a one-time cost that a
+        # long run does not notice, but it is inside this short steady window.
+        "ramp_s": round(sorted(b[0] for b in batches)[min(len(actors) * cfg.compute.concurrent_batches,
+                                                           len(batches)) - 1], 1),
         "wall_s": round(wall, 1), "snippets_per_s": round(len(rows) / steady, 3),
         "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / steady, 1),
         "peak_gpu_memory_gib": memory.stop(),

@@ -114,6 +114,7 @@ def main() -> None:
     out_tokens = sum(r["n_out"] for r in summaries)
     emit({
         "variant": "ray_data_llm", "model": model.name, "params": model.params, "real_weights": model.real,
+        "forced_lengths": None if model.real else lengths["source"],
         "snippets": len(snippets), "engine_start_s": round(start1 + start2, 1), "summarize_s": round(steady1, 1),
         "judge_s": round(steady2, 1), "steady_s": round(steady1 + steady2, 1),
         "snippets_per_s": round(len(snippets) / (steady1 + steady2), 3),

@@ -5,8 +5,9 @@
 Each step is its own process (a clean GPU between variants; vLLM engines do not always give all memory
 back in-process), with a timeout from what is left of the budget, so a slow step costs only itself.
 Every RESULT line is appended to OUT/results.jsonl at once; at the end the table of everything in that
-file is printed (so the last part prints all parts). The embedded part must run first: it measures the
-real summary lengths (lengths.json) that the random-weight models are forced to. Steps labelled *_sampled
+file is printed (so the last part prints all parts). The random-weight models are forced to the embedded
+model's real output lengths: those its seed_replay measured on this machine, else the committed measurement
+(benchmarks/results/lengths-embedded.json); each row names which (`forced_lengths`). Steps labelled *_sampled
 (all steps with --stacks all) run under py-spy where it can read processes: OUT/logs/ gets the step's sampled
 stacks and where its engine's time went (benchmarks/stacks.py). Only those: py-spy takes CPU (half a core
 for an idle Ray cluster here; on 2 cores a whole `generate` ran 6.6x slower under it), and the CPU is what
@@ -29,57 +30,63 @@ from pathlib import Path
 from benchmarks.common import device_name, table, versions
 from benchmarks.stacks import read_lines, render, summarize
 
-# (part, module, args, seconds it needs on a fresh H100, measured or estimated: skipped when less is left).
-# The first engine start on a machine compiles (torch.compile, FlashInfer autotune: ~240 s for the embedded
-# model on 2026-11-24, ~80 s once cached). That session measured factory / seed_replay = 0.85 (embedded) and 0.78
-# (1.5B), so the embedded pair comes first, then the variants that say where the factory's time goes, then
-# the other shapes and the slow extras.
+# (part, module, args, seconds it needs on an H100, measured or estimated: skipped when less is left).
+# The first engine start of a model shape on a machine compiles (torch.compile, FlashInfer autotune: ~200 s
+# for the embedded model); later starts take ~55-85 s each, and engines sharing a GPU start in turn.
+# 2026-11-24 (second session), embedded model: factory / seed_replay = 1.01 with one engine, 1.42 with two
+# engines per GPU, 2.17 with four (benchmarks/RESULTS.md). Both paths are bound by the engine core's Python,
+# not the GPU, at 135M and 1.4B alike; each engine is its own process. So the other shapes come first, with
+# their multi-engine variants, then the engines/ray_data_llm comparisons, then the embedded pair again (the
+# ratio from one machine hold), then the variants that say where one engine's time goes.
+FACTORY_S = 160  # one engine, warm caches: 140-152 s measured (100 s was too little: two runs killed)
 PLAN = [
+    ("1.5b", "seed_replay", ["--model", "qwen2-1.5b", "--snippets", "256"], 420),
+    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "256", "--engines", "4", "--max-num-seqs", "512",
+                         "--label", "factory_4_engines"], 360),
+    ("6.7b", "seed_replay", ["--model", "llama-6.7b", "--snippets", "128"], 420),
+    # four 6.7B engines would leave ~3 GiB of KV cache each (18 GiB shares, 13.4 GiB of weights): two
+    ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "128", "--engines", "2", "--max-num-seqs", "512",
+                         "--label", "factory_2_engines"], 300),
+    ("embedded", "engines", ["--snippets", "16"], 150),
+    ("1.5b", "ray_data_llm", ["--model", "qwen2-1.5b", "--snippets", "256"], 300),
+    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "256"], FACTORY_S),
+    ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "128"], 200),
+    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "256", "--engines", "2", "--max-num-seqs", "512",
+                         "--label", "factory_2_engines"], 220),
     ("embedded", "seed_replay", ["--model", "embedded", "--snippets", "256"], 420),
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "256"], 150),
-    # Both paths take 37-57 us of wall time per generated token at 135M and at 1.4B alike: the engine's Python,
-    # not the GPU, sets the pace, and the GPU idles while it schedules (benchmarks/RESULTS.md). Two engines on
-    # the GPU (half of it each, starting in turn) overlap one's CPU with the other's GPU work. 512 running
-    # requests each keep every decode step inside vLLM's CUDA graphs.
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--engines", "2", "--max-num-seqs", "512",
-                             "--label", "factory_2_engines"], 200),
-    # if two engines pay, do four pay more (until the GPU itself is busy)?
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--engines", "4", "--max-num-seqs", "512",
-                             "--label", "factory_4_engines"], 330),
-    # `factory` again under py-spy: where its engine core's time goes (logs/*.where.txt), and, against the plain
+                             "--label", "factory_4_engines"], 300),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256"], FACTORY_S),
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--engines", "2", "--max-num-seqs", "512",
+                             "--label", "factory_2_engines"], 210),
+    # do eight pay more than four (until the GPU itself is busy, or the machine's 16 cores are)?
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--engines", "8", "--max-num-seqs", "512",
+                             "--label", "factory_8_engines"], 540),
+    # `factory` again under py-spy: where one engine core's time goes (logs/*.where.txt), and, against the plain
     # `factory` above, what the sampling itself costs
-    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--label", "factory_sampled"], 130),
-    # vLLM's H100 defaults run up to 1,024 requests but capture CUDA graphs for steps of up to 512 tokens only:
-    # the factory's 1,280 requests in flight decode without graphs; seed_replay's chunks of 512 never do
+    ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--label", "factory_sampled"], FACTORY_S),
+    # vLLM's H100 defaults run up to 1,024 requests but capture CUDA graphs for steps of up to 512 tokens only
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--max-num-seqs", "512", "--label",
-                             "factory_max_seqs_512"], 100),
+                             "factory_max_seqs_512"], FACTORY_S),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--max-cudagraph-capture-size", "1024",
-                             "--label", "factory_graphs_1024"], 110),
+                             "--label", "factory_graphs_1024"], FACTORY_S),
     # seed_replay's shape (all snippets, then all judging) inside our actor: n=K requests, one engine; with
     # vLLM's stats line in its log (running/waiting requests, prefix-cache hits), the others without (its cost)
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--batch-size", "256",
                              "--concurrent-batches", "1", "--no-overlap", "--log-stats", "--label",
-                             "factory_one_batch_no_overlap"], 100),
+                             "factory_one_batch_no_overlap"], FACTORY_S),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--no-overlap", "--label",
-                             "factory_no_overlap"], 100),
+                             "factory_no_overlap"], FACTORY_S),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--concurrent-batches", "1", "--label",
-                             "factory_one_batch_at_a_time"], 100),
+                             "factory_one_batch_at_a_time"], FACTORY_S),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--code-first", "--label",
-                             "factory_code_first"], 100),
-    ("1.5b", "seed_replay", ["--model", "qwen2-1.5b", "--snippets", "256"], 270),
-    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "256"], 150),
+                             "factory_code_first"], FACTORY_S),
     ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "256", "--max-num-seqs", "512", "--label",
-                         "factory_max_seqs_512"], 120),
-    ("1.5b", "factory", ["--model", "qwen2-1.5b", "--snippets", "256", "--engines", "2", "--max-num-seqs", "512",
-                         "--label", "factory_2_engines"], 220),
-    ("6.7b", "seed_replay", ["--model", "llama-6.7b", "--snippets", "128"], 360),
-    ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "128"], 200),
+                         "factory_max_seqs_512"], FACTORY_S),
     ("embedded", "factory", ["--model", "embedded", "--snippets", "256", "--ngram-spec", "4", "--label",
-                             "factory_ngram_spec"], 100),
+                             "factory_ngram_spec"], FACTORY_S),
     ("6.7b", "factory", ["--model", "llama-6.7b", "--snippets", "128", "--code-first", "--label",
-                         "factory_code_first"], 150),
-    ("embedded", "engines", ["--snippets", "16"], 150),
-    ("1.5b", "ray_data_llm", ["--model", "qwen2-1.5b", "--snippets", "256"], 300),
+                         "factory_code_first"], 200),
 ]
 
 COLUMNS = ["model", "variant", "engines", "snippets", "engine_start_s", "steady_s", "snippets_per_s", "speedup",

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (CHUNK, JUDGE_MAX_TOKENS, JUDGE_TOP_LOGPROBS, K, SUMMARY_TOKENS_CAP, GpuMemory,
-                               Model, engine_defaults, build_model, emit, forced_length, load_snippets, mfu, read_lengths,
-                               spearman)
+                               Model, build_model, device_name, emit, engine_defaults, forced_length, load_snippets,
+                               mfu, read_lengths, spearman, versions)
 
 
 def start_engine(model: Model, max_model_len: int, extra: dict | None = None):
@@ -120,6 +120,7 @@ def main() -> None:
 
     result = {
         "variant": "seed_replay", "model": model.name, "params": model.params, "real_weights": model.real,
+        "forced_lengths": None if model.real else lengths["source"],
         "snippets": len(snippets), "candidates": len(pairs), "judged": len(fits),
         "engine_start_s": round(start_s + judge_start_s, 1), "summarize_s": round(summarize_s, 1),
         "judge_s": round(judge_s, 1), "steady_s": round(steady_s, 1),
@@ -159,7 +160,8 @@ def main() -> None:
     if model.real:  # the real length distributions, for the random-weight models
         (args.workdir / "lengths.json").write_text(json.dumps({
             "summary": [len(o.outputs[0].token_ids) for o in outs], "judge": judge_out_tokens,
-            "source": f"{model.name} seed_replay"}))
+            "source": f"{model.name} seed_replay, {len(snippets)} snippets, {device_name()}, "
+                      f"vllm {versions()['vllm']}, {time.strftime('%Y-%m-%d')}"}))
         result["summary_len_median"] = int(np.median([len(o.outputs[0].token_ids) for o in outs]))
         result["judge_len_median"] = float(np.median(judge_out_tokens))
     emit(result)
