@@ -125,12 +125,12 @@ def forced_length(snippet_id: str, lengths: list[int]) -> int:
 MEASURED_LENGTHS = Path(__file__).parent / "results" / "lengths-embedded.json"
 
 
-def read_lengths(workdir: Path) -> dict:
+def read_lengths() -> dict:
     """The embedded model's real output lengths (summary tokens per sample, judge tokens per prompt) that the
-    random-weight models are forced to: those seed_replay measured on this machine (workdir/lengths.json),
-    else the committed measurement, so that a session may run the other shapes first. `source` says which."""
-    path = workdir / "lengths.json"
-    return json.loads((path if path.exists() else MEASURED_LENGTHS).read_text())
+    random-weight models are forced to. Always the committed measurement, so that every step and session
+    forces the same lengths (a step before and one after the embedded seed_replay stay comparable); the
+    embedded seed_replay writes its own to WORKDIR/lengths.json, which gpu_session.sh brings back."""
+    return json.loads(MEASURED_LENGTHS.read_text())
 
 
 class GpuMemory:

@@ -99,7 +99,7 @@ def main() -> None:
 
     model = build_model(args.model, args.workdir)
     snippets = load_snippets(args.snippets)
-    lengths = read_lengths(args.workdir)
+    lengths = read_lengths()
     forced = None if model.real else {s["id"]: forced_length(s["id"], lengths["summary"]) for s in snippets}
     on_gpu = torch.cuda.is_available()
     cfg = GenerateConfig(

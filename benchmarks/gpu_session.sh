@@ -14,6 +14,7 @@ OUT=${OUT:-/tmp/out}; BENCH=/tmp/bench-out; mkdir -p "$OUT" "$BENCH/logs"
 CALL_START=$BENCH/.call-$(echo "$OUT" | md5sum | cut -c1-12); [ -f "$CALL_START" ] || touch "$CALL_START"
 pack_out() {
   cp "$BENCH/results.jsonl" "$OUT/" 2>/dev/null
+  cp /tmp/ii-bench/lengths.json "$OUT/" 2>/dev/null  # the embedded seed_replay's lengths, to compare/commit
   for f in "$BENCH"/logs/*.where.txt; do [ -f "$f" ] && { echo "=== $(basename "$f" .where.txt)"; cat "$f"; }; done > "$OUT/where.txt"
   tar -czf "$OUT/logs.tar.gz" -C "$BENCH" --exclude='*.stacks.gz' --exclude='.call-*' . 2>/dev/null
   # newest first, while the tar stays under 15 MiB (older calls' stacks came back with those calls)

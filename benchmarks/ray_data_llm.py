@@ -74,7 +74,7 @@ def main() -> None:
 
     model = build_model(args.model, args.workdir)
     snippets = load_snippets(args.snippets)
-    lengths = read_lengths(args.workdir)
+    lengths = read_lengths()
     tok = AutoTokenizer.from_pretrained(model.path)
     builder = PromptBuilder(tok, "auto")
     # On a small CPU machine the engine actor, the detokenize actor and the map tasks need more CPU slots than

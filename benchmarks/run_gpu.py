@@ -6,8 +6,8 @@ Each step is its own process (a clean GPU between variants; vLLM engines do not 
 back in-process), with a timeout from what is left of the budget, so a slow step costs only itself.
 Every RESULT line is appended to OUT/results.jsonl at once; at the end the table of everything in that
 file is printed (so the last part prints all parts). The random-weight models are forced to the embedded
-model's real output lengths: those its seed_replay measured on this machine, else the committed measurement
-(benchmarks/results/lengths-embedded.json); each row names which (`forced_lengths`). Steps labelled *_sampled
+model's real output lengths, always the committed measurement (benchmarks/results/lengths-embedded.json,
+named in each row as `forced_lengths`), so any part may run first. Steps labelled *_sampled
 (all steps with --stacks all) run under py-spy where it can read processes: OUT/logs/ gets the step's sampled
 stacks and where its engine's time went (benchmarks/stacks.py). Only those: py-spy takes CPU (half a core
 for an idle Ray cluster here; on 2 cores a whole `generate` ran 6.6x slower under it), and the CPU is what

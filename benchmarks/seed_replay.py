@@ -12,7 +12,8 @@ on, as the official scripts get from vLLM 0.26).
 Then, on the judge engine (not part of the baseline's time): the judge stage measured alone the way the
 factory judges (1 new token, exact Yes/No log-probabilities) in both prompt orders, with prefill tokens/s,
 MFU and the Spearman agreement of code-first scores with the paper's order. On the embedded model this
-run also writes lengths.json (the real summary/judge output lengths) for the random-weight models.
+run also writes WORKDIR/lengths.json (the real summary/judge output lengths); the random-weight models
+are forced to the committed one, benchmarks/results/lengths-embedded.json.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main() -> None:
 
     model = build_model(args.model, args.workdir)
     snippets = load_snippets(args.snippets)
-    lengths = read_lengths(args.workdir)
+    lengths = read_lengths()
     memory = GpuMemory()
 
     # --- 1. summarize: K separate n=1 requests per snippet, synchronous chunks of 512 ---

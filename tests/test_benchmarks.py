@@ -42,15 +42,14 @@ def test_forced_lengths_follow_the_snippet_not_the_call():
     assert set(first) == set(lengths)  # ... drawn from the whole measured distribution
 
 
-def test_forced_lengths_come_from_this_machine_else_from_the_committed_measurement(tmp_path):
-    """A GPU session may run the random-weight shapes before the embedded seed_replay has measured lengths."""
+def test_forced_lengths_are_the_committed_measurement_of_the_embedded_model():
+    """Every step forces the same lengths, so any part of a GPU session may run first."""
     from benchmarks.common import read_lengths
 
-    committed = read_lengths(tmp_path)
-    assert "seed_replay" in committed["source"] and len(committed["summary"]) >= 500
-    assert len(committed["judge"]) >= 500 and 1 <= sorted(committed["judge"])[len(committed["judge"]) // 2] <= 5
-    (tmp_path / "lengths.json").write_text('{"summary": [7], "judge": [1], "source": "here"}')
-    assert read_lengths(tmp_path) == {"summary": [7], "judge": [1], "source": "here"}
+    lengths = read_lengths()
+    assert "seed_replay" in lengths["source"] and len(lengths["summary"]) >= 500
+    assert 50 <= sorted(lengths["summary"])[len(lengths["summary"]) // 2] <= 300
+    assert len(lengths["judge"]) >= 500 and 1 <= sorted(lengths["judge"])[len(lengths["judge"]) // 2] <= 5
 
 
 def test_spearman_gives_tied_scores_their_average_rank():
