@@ -8,8 +8,8 @@ Models: the embedded SmolLM2-135M-Instruct (real weights) and random-weight mode
 (vLLM `load_format=dummy`: only config.json + the real SmolLM2 tokenizer are written). Speed does not
 depend on weight values, but output LENGTH does: a random model never says EOS. So for random models
 every summary is forced (`min_tokens = max_tokens = L`, no stop) to a length L drawn per snippet from
-the lengths the embedded model really wrote in seed_replay (saved to lengths.json), and both variants
-get the same L for the same snippet.
+the lengths the embedded model really wrote in seed_replay (benchmarks/results/lengths-embedded.json), and every variant
+gets the same L for the same snippet.
 """
 
 from __future__ import annotations
