@@ -156,7 +156,7 @@ def main() -> None:
         "concurrent_batches": cfg.compute.concurrent_batches,
         "overlap": cfg.compute.overlap, "code_first": args.code_first, "ngram_spec": args.ngram_spec,
         "engines": len(actors), "gpu_memory_utilization": cfg.model.gpu_memory_utilization if on_gpu else None,
-        # the slowest engine start; with several engines on one GPU they start in turn (see the list)
+        # the slowest engine start; several engines on one GPU: the first alone, then the others together
         "engine_start_s": round(max(a["start_s"] for a in actors.values()), 1),
         "engine_starts_s": [round(a["start_s"], 1) for _, a in sorted(actors.items())],
         # >= 0: no batch ran before the last engine was up, so the steady state had them all

@@ -32,7 +32,8 @@ from benchmarks.stacks import read_lines, render, summarize
 
 # (part, module, args, seconds it needs on an H100, measured or estimated: skipped when less is left).
 # The first engine start of a model shape on a machine compiles (torch.compile, FlashInfer autotune: ~200 s
-# for the embedded model); later starts take ~55-85 s each, and engines sharing a GPU start in turn.
+# for the embedded model); later starts take ~55-85 s each. Engines sharing a GPU: the first starts alone,
+# the others together after it (pipeline/engines/vllm_start.py; one after another until 2026-11-24).
 # 2026-11-24 (second session), embedded model: factory / seed_replay = 1.01 with one engine, 1.42 with two
 # engines per GPU, 2.17 with four (benchmarks/RESULTS.md). Both paths are bound by the engine core's Python,
 # not the GPU, at 135M and 1.4B alike; each engine is its own process. So the other shapes come first, with

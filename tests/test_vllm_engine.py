@@ -237,20 +237,22 @@ def test_engine_settings_reach_vllms_own_config():
     assert EngineArgs(**spec).create_engine_config().speculative_config.method == "ngram_gpu"
 
 
-def test_engines_on_one_gpu_start_one_at_a_time():
-    """Two engine starts on the same GPU never overlap; on different GPUs they do (a real file lock,
-    taken from threads: each opens the lock file itself, as two actor processes would)."""
-    from pipeline.engines.vllm_engine import one_start_per_gpu
+def test_the_kv_cache_size_engines_share_is_exact(vllm_engine):
+    """Engines sharing a GPU start with the byte count the first one measured (vllm_start.py): vLLM must turn
+    those bytes back into exactly the blocks meant. Here a second engine gets a quarter of the first's."""
+    from vllm import LLM
 
-    def start(devices: str) -> tuple[float, float]:
-        with one_start_per_gpu(devices):
-            t0 = time.perf_counter()
-            time.sleep(0.3)
-            return t0, time.perf_counter()
+    from pipeline.engines.vllm_engine import engine_kwargs
+    from pipeline.engines.vllm_start import kv_cache_bytes
 
-    with ThreadPoolExecutor(3) as pool:
-        same = list(pool.map(start, ["7", "7", "7"]))
-        other = list(pool.map(start, ["7", "6", "5"]))
-    same.sort()
-    assert all(later[0] >= earlier[1] for earlier, later in zip(same, same[1:])), same
-    assert max(t0 for t0, _ in other) < min(t1 for _, t1 in other), other  # all three ran at once
+    blocks = vllm_engine.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    measured = kv_cache_bytes(vllm_engine.llm)
+    assert measured and measured % blocks == 0
+    quarter = measured // blocks * (blocks // 4)
+    llm = LLM(**engine_kwargs(model_config("vllm"), str(embedded_model_dir()), on_gpu=False),
+              kv_cache_memory_bytes=quarter)
+    try:
+        assert llm.llm_engine.vllm_config.cache_config.num_gpu_blocks == blocks // 4
+        assert kv_cache_bytes(llm) == quarter
+    finally:
+        llm.llm_engine.engine_core.shutdown()

@@ -11,15 +11,9 @@ actor share the running engine.
 
 from __future__ import annotations
 
-import fcntl
-import logging
 import os
-import tempfile
-import time
-from contextlib import contextmanager, nullcontext
 from functools import partial
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,9 +22,9 @@ from pipeline.config import ModelConfig
 from pipeline.config.generate import GPU_MEMORY_SHARE
 from pipeline.engines import SamplingSpec, resolve_dtype
 from pipeline.engines.vllm_loop import Add, EngineLoop
+from pipeline.engines.vllm_start import start_sharing_gpu
 
 _FALLBACK_TOP_K = 20  # vLLM's default max_logprobs
-log = logging.getLogger(__name__)
 
 
 class VLLMEngine:
@@ -41,8 +35,9 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             _use_all_cores_on_small_cpus()
-        with one_start_per_gpu() if on_gpu else nullcontext():
-            self.llm = LLM(**engine_kwargs(cfg, model_path, on_gpu))
+        kwargs = engine_kwargs(cfg, model_path, on_gpu)
+        # engines sharing a GPU: the first measures its KV cache alone, the others reuse it (vllm_start.py)
+        self.llm = start_sharing_gpu(lambda kw: LLM(**kw), kwargs) if on_gpu else LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
         self._params = SamplingParams
@@ -160,30 +155,6 @@ def engine_kwargs(cfg: ModelConfig, model_path: str, on_gpu: bool) -> dict:
                                         "num_speculative_tokens": cfg.speculative_ngram_tokens,
                                         "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     return kwargs
-
-
-@contextmanager
-def one_start_per_gpu(devices: str | None = None) -> Iterator[None]:
-    """Engines sharing a GPU (a fractional `compute.num_gpus_per_actor`) start one at a time.
-
-    vLLM sizes its KV cache from the GPU's free memory measured around a profiling run: another engine
-    loading meanwhile makes that measure wrong, or trips vLLM's "Error in memory profiling" check. A file
-    lock per GPU set (the CUDA_VISIBLE_DEVICES that Ray gives the actor) on the node serializes the starts;
-    engines on other GPUs start in parallel. The lock is released when its process dies."""
-    devices = devices if devices is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "all")
-    path = Path(tempfile.gettempdir()) / f"inverse-instruct-vllm-start-gpu-{devices.replace(',', '_') or 'none'}.lock"
-    with open(path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            t0 = time.perf_counter()
-            log.info("another vLLM engine is starting on GPU %s; this one waits its turn", devices)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            log.info("waited %.0f s for GPU %s", time.perf_counter() - t0, devices)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _texts(out) -> list[str]:
