@@ -59,8 +59,11 @@ class TimedInverseInstruct(InverseInstruct):
         out = super().__call__(batch)
         n = out.num_rows
         stats = self.engine.loop.stats  # cumulative: the last batch's values are the run's
+        cache = self.engine.llm.llm_engine.vllm_config.cache_config
         columns = {"t0": t0, "t1": time.time(), "init0": self.init[0], "init1": self.init[1],
-                   "loop_busy_s": stats.busy_s, "loop_cpu_s": stats.cpu_s, "loop_callbacks_s": stats.callbacks_s}
+                   "loop_busy_s": stats.busy_s, "loop_cpu_s": stats.cpu_s, "loop_callbacks_s": stats.callbacks_s,
+                   # started with the KV cache size another engine on its GPU measured (vllm_start.py)
+                   "kv_size_given": cache.kv_cache_memory_bytes is not None, "kv_blocks": cache.num_gpu_blocks}
         for name, value in columns.items():
             out = out.append_column(name, pa.array([value] * n))
         return out
@@ -144,7 +147,8 @@ def main() -> None:
     # per actor (its start time tells it apart): the loop counters are cumulative, its last batch has them all
     actors: dict[float, dict] = {}
     for r in rows:
-        a = actors.setdefault(r["init0"], {"start_s": r["init1"] - r["init0"]})
+        a = actors.setdefault(r["init0"], {"start_s": r["init1"] - r["init0"], "kv_size_given": r["kv_size_given"],
+                                           "kv_blocks": r["kv_blocks"]})
         for k in ("loop_busy_s", "loop_cpu_s", "loop_callbacks_s"):
             a[k] = max(a.get(k, 0.0), r[k])
     loop = {k: sum(a[k] for a in actors.values()) for k in ("loop_busy_s", "loop_cpu_s", "loop_callbacks_s")}
@@ -159,6 +163,8 @@ def main() -> None:
         # the slowest engine start; several engines on one GPU: the first alone, then the others together
         "engine_start_s": round(max(a["start_s"] for a in actors.values()), 1),
         "engine_starts_s": [round(a["start_s"], 1) for _, a in sorted(actors.items())],
+        "engines_given_kv_size": sum(a["kv_size_given"] for a in actors.values()),
+        "kv_blocks": [a["kv_blocks"] for _, a in sorted(actors.items())],
         # >= 0: no batch ran before the last engine was up, so the steady state had them all
         "first_batch_after_last_start_s": round(first - max(r["init1"] for r in rows), 1),
         "steady_s": round(steady, 1),
