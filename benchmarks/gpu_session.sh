@@ -3,35 +3,20 @@
 #   bash benchmarks/gpu_session.sh all|embedded|1.5b|6.7b|tests|train [budget seconds]
 # Benchmark steps resume: a step with a result in /tmp/bench-out/results.jsonl is not run again.
 # Installs the carried wheels (../shared/gpu) and the carried model (scripts/pack_gpu_extras.py) once per
-# machine, then runs the step; results accumulate in /tmp/bench-out while the machine is held. $OUT brings
-# back at most 8 files of 16 MiB (the device tool's limits), so every call ends by packing (see `pack_out`):
-# results.jsonl, where.txt (where each step's engine spent its time), logs.tar.gz (every log so far) and
-# stacks.tar (the sampled stacks of this call's steps), besides the step's own files.
+# machine, and compile caches an earlier session brought back (.gpuwheels/caches, when carried), then runs the
+# step; results accumulate in /tmp/bench-out while the machine is held. Every call ends with `pack_out`
+# (benchmarks/gpu_pack.sh: what comes back within the device tool's limits).
 set -uo pipefail
 STEP=$1; BUDGET=${2:-500}
 OUT=${OUT:-/tmp/out}; BENCH=/tmp/bench-out; mkdir -p "$OUT" "$BENCH/logs"
 # one marker per device call (each has its own $OUT), also when a call runs this script several times
 CALL_START=$BENCH/.call-$(echo "$OUT" | md5sum | cut -c1-12); [ -f "$CALL_START" ] || touch "$CALL_START"
-pack_out() {
-  cp "$BENCH/results.jsonl" "$OUT/" 2>/dev/null
-  cp /tmp/ii-bench/lengths.json "$OUT/" 2>/dev/null  # the embedded seed_replay's lengths, to compare/commit
-  for f in "$BENCH"/logs/*.where.txt; do [ -f "$f" ] && { echo "=== $(basename "$f" .where.txt)"; cat "$f"; }; done > "$OUT/where.txt"
-  tar -czf "$OUT/logs.tar.gz" -C "$BENCH" --exclude='*.stacks.gz' --exclude='.call-*' . 2>/dev/null
-  # newest first, while the tar stays under 15 MiB (older calls' stacks came back with those calls)
-  local total=0 files=()
-  for f in $(ls -t "$BENCH"/logs/*.stacks.gz 2>/dev/null); do
-    [ "$f" -nt "$CALL_START" ] || continue
-    local size; size=$(stat -c %s "$f")
-    (( total + size < 15 * 1024 * 1024 )) || continue
-    total=$((total + size)); files+=("logs/$(basename "$f")")
-  done
-  [ ${#files[@]} -gt 0 ] && tar -cf "$OUT/stacks.tar" -C "$BENCH" "${files[@]}"
-  true
-}
+source "$(dirname "$0")/gpu_pack.sh"
 if [ ! -d /tmp/site/vllm ]; then
   bash /tmp/gw/p01/install.sh /tmp/gw > "$BENCH/install.log" 2>&1 || { tail -40 "$BENCH/install.log"; pack_out; exit 1; }
 fi
 [ -f /tmp/iihome/models/SmolLM2-135M-Instruct/model.safetensors ] && [ -x /tmp/site-extras/bin/py-spy ] || bash /tmp/gw/m01/unpack.sh /tmp/gw || exit 1
+restore_caches /tmp/gw/caches
 export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site-extras
 export PATH=/tmp/site/bin:/tmp/site-extras/bin:$PATH
 export PYTHONUNBUFFERED=1 INVERSE_INSTRUCT_HOME=/tmp/iihome TOKENIZERS_PARALLELISM=false

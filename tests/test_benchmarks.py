@@ -144,3 +144,54 @@ def test_run_gpu_samples_a_step_and_every_process_it_starts(tmp_path):
     shares = {frame.split(" ")[0]: share for frame, share, _ in core["tree"]}
     assert core["processes"] == 1 and core["samples"] > 50
     assert shares["schedule"] == pytest.approx(0.6, abs=0.15)  # idle frames count: sleeping is in the loop itself
+
+
+def test_a_device_call_brings_back_its_results_logs_and_the_caches_that_fit(tmp_path):
+    """benchmarks/gpu_pack.sh within the device tool's limits (at most 8 files of 16 MiB): the compile caches
+    that fit in the files left, in 15 MiB parts, the least useful dropped first; restored once per machine."""
+    import os
+    import tarfile
+
+    bench, out, root = tmp_path / "bench", tmp_path / "out", tmp_path / "root"
+    (bench / "logs").mkdir(parents=True)
+    (bench / "results.jsonl").write_text('{"variant": "factory"}\n')
+    (bench / "logs" / "00-factory.log").write_text("engine started\n")
+    (bench / "logs" / "00-factory.where.txt").write_text("engine core 80%\n")
+    (bench / ".call-1").touch()
+    sizes = {"home/.cache/vllm": 20, "home/.triton/cache": 2, "tmp/inductor": 12}  # MiB, most useful first
+    for d, mib in sizes.items():
+        (root / d).mkdir(parents=True)
+        (root / d / "kernel.bin").write_bytes(os.urandom(mib << 20))  # random: gzip cannot shrink it
+    script = REPO / "benchmarks" / "gpu_pack.sh"
+    env = {**os.environ, "BENCH": str(bench), "CALL_START": str(bench / ".call-1"), "CACHE_ROOT": str(root),
+           "CACHE_DIRS": "home/.cache/vllm home/.triton/cache home/.cache/flashinfer tmp/inductor"}
+
+    def pack(out: Path, files_already_there: int = 0) -> tuple[set[str], str]:
+        out.mkdir()
+        for i in range(files_already_there):
+            (out / f"step-{i}.log").write_text("a step's own file")
+        subprocess.run(["bash", "-c", f"source {script} && pack_out"], env={**env, "OUT": str(out)}, check=True,
+                       timeout=120)
+        assert len(list(out.iterdir())) <= 8 and all(p.stat().st_size < 16 << 20 for p in out.iterdir())
+        return {p.name for p in out.iterdir()}, (out / "device.txt").read_text()
+
+    names, device = pack(out)
+    assert names == {"results.jsonl", "logs.tar.gz", "device.txt", "caches.tar.gz.part0", "caches.tar.gz.part1"}
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        assert {"./logs/00-factory.log", "./logs/00-factory.where.txt"} <= set(logs.getnames())
+    assert "caches packed: home/.cache/vllm home/.triton/cache\n" in device  # 34 MiB > 2 parts: inductor dropped
+
+    fresh = tmp_path / "fresh"
+    (fresh / "tmp").mkdir(parents=True)
+    restore = f"source {script} && restore_caches {out}"
+    subprocess.run(["bash", "-c", restore], env={**env, "CACHE_ROOT": str(fresh)}, check=True, timeout=60)
+    for d in ("home/.cache/vllm", "home/.triton/cache"):
+        assert (fresh / d / "kernel.bin").read_bytes() == (root / d / "kernel.bin").read_bytes()
+    assert not (fresh / "tmp/inductor").exists()
+    (fresh / "home/.cache/vllm/kernel.bin").write_bytes(b"compiled here since")
+    subprocess.run(["bash", "-c", restore], env={**env, "CACHE_ROOT": str(fresh)}, check=True, timeout=60)
+    assert (fresh / "home/.cache/vllm/kernel.bin").read_bytes() == b"compiled here since"  # once per machine
+
+    # a call whose step left 4 files of its own has room for one part: the 20 MiB folder alone does not fit
+    names, device = pack(tmp_path / "out-full", files_already_there=4)
+    assert not any(n.startswith("caches") for n in names) and "caches packed: none (files left: 1)" in device
