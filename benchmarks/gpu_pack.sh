@@ -19,8 +19,7 @@ CACHE_PARTS=${CACHE_PARTS:-2}  # files at most for the caches (fewer when $OUT h
 pack_out() {
   cp "$BENCH/results.jsonl" "$OUT/" 2>/dev/null
   cp /tmp/ii-bench/lengths.json "$BENCH/" 2>/dev/null  # the embedded seed_replay's lengths, to compare/commit
-  tar -czf "$OUT/logs.tar.gz" -C "$BENCH" --exclude='*.stacks.gz' --exclude='.call-*' --exclude='caches.*' . \
-    2>/dev/null
+  tar -czf "$OUT/logs.tar.gz" -C "$BENCH" --exclude='*.stacks.gz' --exclude='.call-*' . 2>/dev/null
   # newest first, while the tar stays under 15 MiB (older calls' stacks came back with those calls)
   local total=0 files=() f size
   for f in $(ls -t "$BENCH"/logs/*.stacks.gz 2>/dev/null); do
@@ -34,25 +33,29 @@ pack_out() {
   true
 }
 
-# As many of CACHE_DIRS as fit in the files left (8 in all), the least useful dropped first, in 15 MiB parts
-# caches.tar.gz.part0, part1, ...; their sizes go to device.txt.
+# CACHE_DIRS in order, each compressed once, as many as fit in the files left (8 in all), in 15 MiB parts
+# caches.tar.gz.part0, part1, ... (concatenated archives: restore_caches reads past each one's end); a
+# folder too large is left out and a later, smaller one may still fit. Their sizes go to device.txt.
 pack_caches() {
-  local dirs=() d n parts
-  for d in $CACHE_DIRS; do [ -d "$CACHE_ROOT/$d" ] && dirs+=("$d"); done
-  [ ${#dirs[@]} -gt 0 ] || return 0
-  (cd "$CACHE_ROOT" && du -sh "${dirs[@]}") | sed 's/^/cache /' >> "$OUT/device.txt"
-  parts=$((8 - $(ls "$OUT" | wc -l))); (( parts > CACHE_PARTS )) && parts=$CACHE_PARTS
-  for ((n = ${#dirs[@]}; n > 0 && parts > 0; n--)); do
-    tar -czf "$BENCH/caches.tar.gz" -C "$CACHE_ROOT" "${dirs[@]:0:n}" 2>/dev/null
-    if (( $(stat -c %s "$BENCH/caches.tar.gz") < parts * PART )); then
-      split -b "$PART" -d -a 1 "$BENCH/caches.tar.gz" "$OUT/caches.tar.gz.part"
-      rm -f "$BENCH/caches.tar.gz"
-      echo "caches packed: ${dirs[*]:0:n}" >> "$OUT/device.txt"
-      return 0
+  local d i=0 size total=0 parts picked=() names=()
+  parts=$((8 - 1 - $(ls "$OUT" | grep -cvx device.txt))); (( parts > CACHE_PARTS )) && parts=$CACHE_PARTS
+  for d in $CACHE_DIRS; do
+    [ -d "$CACHE_ROOT/$d" ] || continue
+    (cd "$CACHE_ROOT" && du -sh "$d") | sed 's/^/cache /' >> "$OUT/device.txt"
+    (( parts > 0 )) || continue
+    i=$((i + 1)); tar -I 'gzip -1' -cf "$BENCH/caches.$i.tgz" -C "$CACHE_ROOT" "$d" 2>/dev/null
+    size=$(stat -c %s "$BENCH/caches.$i.tgz")
+    if (( total + size < parts * PART )); then
+      total=$((total + size)); picked+=("$BENCH/caches.$i.tgz"); names+=("$d")
     fi
   done
-  rm -f "$BENCH/caches.tar.gz"
-  echo "caches packed: none (files left: $parts)" >> "$OUT/device.txt"
+  if [ ${#picked[@]} -gt 0 ]; then
+    cat "${picked[@]}" | split -b "$PART" -d -a 1 - "$OUT/caches.tar.gz.part"
+    echo "caches packed: ${names[*]}" >> "$OUT/device.txt"
+  elif (( i > 0 || parts <= 0 )); then
+    echo "caches packed: none (files left: $parts)" >> "$OUT/device.txt"
+  fi
+  rm -f "$BENCH"/caches.*.tgz
 }
 
 # Caches carried in from an earlier session (a folder of caches.tar.gz.part*; see RESULTS.md), once per
@@ -60,6 +63,6 @@ pack_caches() {
 restore_caches() {
   local carried=$1
   ls "$carried"/caches.tar.gz.part* > /dev/null 2>&1 && [ ! -f "$CACHE_ROOT/tmp/.ii-caches-restored" ] || return 0
-  cat "$carried"/caches.tar.gz.part* | tar -xzf - -C "$CACHE_ROOT" --skip-old-files \
+  cat "$carried"/caches.tar.gz.part* | tar -xzf - -C "$CACHE_ROOT" --ignore-zeros --skip-old-files \
     && touch "$CACHE_ROOT/tmp/.ii-caches-restored"
 }

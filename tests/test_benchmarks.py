@@ -148,7 +148,7 @@ def test_run_gpu_samples_a_step_and_every_process_it_starts(tmp_path):
 
 def test_a_device_call_brings_back_its_results_logs_and_the_caches_that_fit(tmp_path):
     """benchmarks/gpu_pack.sh within the device tool's limits (at most 8 files of 16 MiB): the compile caches
-    that fit in the files left, in 15 MiB parts, the least useful dropped first; restored once per machine."""
+    that fit in the files left, in 15 MiB parts, the most useful first; restored once per machine."""
     import os
     import tarfile
 
@@ -192,6 +192,10 @@ def test_a_device_call_brings_back_its_results_logs_and_the_caches_that_fit(tmp_
     subprocess.run(["bash", "-c", restore], env={**env, "CACHE_ROOT": str(fresh)}, check=True, timeout=60)
     assert (fresh / "home/.cache/vllm/kernel.bin").read_bytes() == b"compiled here since"  # once per machine
 
-    # a call whose step left 4 files of its own has room for one part: the 20 MiB folder alone does not fit
+    # a call whose step left 4 files of its own has room for one part: the 20 MiB folder is left out, the
+    # smaller ones after it fit
     names, device = pack(tmp_path / "out-full", files_already_there=4)
-    assert not any(n.startswith("caches") for n in names) and "caches packed: none (files left: 1)" in device
+    assert "caches.tar.gz.part0" in names and "caches.tar.gz.part1" not in names
+    assert "caches packed: home/.triton/cache tmp/inductor\n" in device
+    names, device = pack(tmp_path / "out-fuller", files_already_there=5)
+    assert not any(n.startswith("caches") for n in names) and "caches packed: none (files left: 0)" in device
