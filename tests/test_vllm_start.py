@@ -112,3 +112,13 @@ def test_starts_on_one_gpu_take_turns_and_on_different_gpus_run_at_once():
         other = list(pool.map(start, ["7", "6", "5"]))
     assert all(later[0] >= earlier[1] for earlier, later in zip(same, same[1:])), same
     assert overlap(other), other
+
+
+def test_a_kv_size_that_cannot_be_read_costs_the_others_their_shortcut_not_the_first_its_start(monkeypatch):
+    def unreadable(llm):
+        raise AttributeError("'VllmConfig' object has no attribute 'cache_config'")
+
+    monkeypatch.setattr(vllm_start, "kv_cache_bytes", unreadable)
+    make = Starts()
+    started = start_three(make, "9", f"job-{uuid.uuid4().hex}")
+    assert len(started) == 3 and not any("kv_cache_memory_bytes" in kwargs for _, _, kwargs in make.calls)

@@ -37,8 +37,8 @@ def start_sharing_gpu(make: Callable[[dict], Any], kwargs: dict, devices: str | 
         first = _read(measured)
         if first is None:
             llm = make(kwargs)
-            if measured is not None and (kv_bytes := kv_cache_bytes(llm)):
-                measured.write_text(json.dumps({"kv_cache_memory_bytes": kv_bytes, "blocks": _blocks(llm)}))
+            if measured is not None:
+                _write(measured, llm)
             return llm
     kv_bytes, blocks = first
     log.info("starting beside other engines on GPU %s with the KV cache the first one measured (%.2f GiB)",
@@ -92,6 +92,15 @@ def _measured_path(devices: str, kwargs: dict, scope: str) -> Path:
     """Per GPU set, engine settings and Ray job: another job or other settings measure for themselves."""
     key = hashlib.sha256(json.dumps([scope, kwargs], sort_keys=True, default=str).encode()).hexdigest()[:16]
     return _lock_dir() / f"inverse-instruct-vllm-kv-gpu-{_safe(devices)}-{key}.json"
+
+
+def _write(path: Path, llm: Any) -> None:
+    """Leave the first engine's KV cache size for the others; on any trouble they measure for themselves."""
+    try:
+        if kv_bytes := kv_cache_bytes(llm):
+            path.write_text(json.dumps({"kv_cache_memory_bytes": kv_bytes, "blocks": _blocks(llm)}))
+    except Exception as error:  # noqa: BLE001 - another vLLM's config layout, a full disk: not worth a failed start
+        log.warning("could not record the KV cache size for other engines on this GPU: %s", error)
 
 
 def _read(path: Path | None) -> tuple[int, int] | None:
