@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, SaveMode
+from ray.data.expressions import col
 
 from pipeline import manifest
 from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig, fingerprint
@@ -154,9 +155,9 @@ def _preprocess(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
         return row
 
     marked = extracted.map(mark_duplicate).materialize() if duplicate_of else extracted
-    _write(marked.filter(lambda r: r["reason"] is None).select_columns(SNIPPET_COLUMNS),
+    _write(marked.filter(expr=col("reason").is_null()).select_columns(SNIPPET_COLUMNS),
            out, "snippets", _schema(SNIPPET_COLUMNS))
-    _write(marked.filter(lambda r: r["reason"] is not None).select_columns(REJECTED_COLUMNS),
+    _write(marked.filter(expr=col("reason").is_not_null()).select_columns(REJECTED_COLUMNS),
            out, "_work/rejected_preprocess", _schema(REJECTED_COLUMNS))
     out.remove("_work/scored")  # new snippets: earlier scores no longer belong to this run
     return {"input": len(keys), "snippets": len(keys) - int(keys["reason"].notna().sum()) - len(duplicate_of),
@@ -170,7 +171,7 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     done = out.read_ids("_work/scored")
     snippets = ray.data.read_parquet(out.sub("snippets"), columns=["id", "source", "source_index", "code", "lang"])
     total = snippets.count()
-    todo = snippets.filter(lambda r: r["id"] not in done) if done else snippets
+    todo = snippets.filter(expr=col("id").not_in(sorted(done))) if done else snippets
     c = cfg.compute
     crashes = CrashLedger().summary()  # all zeros when nothing runs
     if total - len(done) > 0:
@@ -226,10 +227,10 @@ def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     decided = scored.map_batches(
         decide, fn_kwargs={"select": cfg.select, "decontaminate": cfg.decontaminate}, batch_format="numpy"
     ).materialize()
-    _write(decided.filter(lambda r: r["reason"] is None).select_columns(SELECTED_COLUMNS),
+    _write(decided.filter(expr=col("reason").is_null()).select_columns(SELECTED_COLUMNS),
            out, "selected", _schema(SELECTED_COLUMNS))
     rejected = ray.data.read_parquet(out.sub("_work/rejected_preprocess")).union(
-        decided.filter(lambda r: r["reason"] is not None).select_columns(REJECTED_COLUMNS)).materialize()
+        decided.filter(expr=col("reason").is_not_null()).select_columns(REJECTED_COLUMNS)).materialize()
     _write(rejected, out, "rejected", _schema(REJECTED_COLUMNS))
 
     # Counted on the driver: a few short columns, one row per input row (a shuffle would cost more).

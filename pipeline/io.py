@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+from ray.data.expressions import col
 
 from pipeline.config import EMBEDDED_CORPUS, InputConfig
 
@@ -56,10 +57,13 @@ def read_corpus(cfg: InputConfig) -> ray.data.Dataset:
         # Each file stops at `limit` rows; the global first-N also needs the earlier files' counts.
         ds = ds.materialize()
         counts = {r["rank"]: r["count()"] for r in ds.groupby("rank").count().take_all()}
-        keep, left = {}, cfg.limit
+        # Files before the first one cut short are kept whole, later ones dropped.
+        left = cfg.limit
         for rank in sorted(counts):
-            keep[rank], left = min(counts[rank], left), left - min(counts[rank], left)
-        ds = ds.filter(lambda r: r["source_index"] < keep[r["rank"]])
+            if counts[rank] > left:
+                ds = ds.filter(expr=(col("rank") < rank) | ((col("rank") == rank) & (col("source_index") < left)))
+                break
+            left -= counts[rank]
     return ds.drop_columns(["rank"])
 
 
