@@ -114,6 +114,8 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
     # Ray Data's progress report is one log block every few seconds when stderr is not a terminal.
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # vLLM logs at INFO inside the engine actors; `actor_pool` hands them this level
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -203,9 +205,14 @@ def actor_pool(cfg: GenerateConfig | EvaluateConfig) -> dict[str, Any]:
     engine died (the actor exits, see `restart_actor_if_engine_dead`)."""
     c = cfg.compute
     concurrent = c.concurrent_batches if cfg.model.engine == "vllm" else 1
-    return {"compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors,
+    args = {"compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors,
                                          enable_true_multi_threading=concurrent > 1),
             "max_concurrency": concurrent, "max_restarts": c.max_actor_restarts}
+    # The driver's vLLM log level (see start_ray) reaches the actors on every node of a cluster too
+    # (a task's runtime_env is merged with the job's).
+    if level := os.environ.get("VLLM_LOGGING_LEVEL"):
+        args["runtime_env"] = {"env_vars": {"VLLM_LOGGING_LEVEL": level}}
+    return args
 
 
 # ---------------------------------------------------------------- stage 3: select + decontaminate

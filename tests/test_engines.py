@@ -98,3 +98,20 @@ def test_a_dead_engine_restarts_its_actor_a_bounded_number_of_times(ray_local, t
 def test_outside_an_actor_engine_dead_is_raised():
     with pytest.raises(EngineDead):
         _engine_dies_every_call()(os.devnull)(None)
+
+
+def _reads_vllm_log_level() -> type:
+    class ReadsLevel:
+        def __call__(self, batch):
+            return {"level": [os.environ.get("VLLM_LOGGING_LEVEL", "")] * len(batch["id"])}
+
+    return ReadsLevel
+
+
+def test_the_drivers_vllm_log_level_reaches_the_engine_actors(ray_local, monkeypatch):
+    """Without --verbose the driver sets WARNING (pipeline.generate.start_ray); the actors get it through
+    their runtime_env, also on a cluster's other nodes, whose processes do not inherit the driver's."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "ERROR")  # Ray's processes here started before this
+    rows = ray_local.data.range(2).map_batches(_reads_vllm_log_level(), batch_size=2,
+                                               **actor_pool(GenerateConfig())).take_all()
+    assert [r["level"] for r in rows] == ["ERROR", "ERROR"]
