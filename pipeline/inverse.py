@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipeline.config import GenerateConfig
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation
-from pipeline.engines import (Engine, EngineDead, SamplingSpec, create_engine, each_or_alone,
+from pipeline.engines import (Engine, EngineDead, SamplingSpec, close_engine, create_engine, each_or_alone,
                               restart_actor_if_engine_dead, yes_probability)
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
@@ -49,6 +49,7 @@ class InverseInstruct:
         # cfg and the stage's crash ledger (see pipeline/crash_isolation.py).
         self.isolation = CrashIsolation(crash_ledger) if crash_ledger is not None else None
         self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
+        self.owns_engine = engine is None
         tokenizer = self.engine.tokenizer
         self.prompts = PromptBuilder(tokenizer, cfg.model.prompt_format, cfg.judge.code_first)
         yes, no = single_token_ids(tokenizer, cfg.judge.yes_words), single_token_ids(tokenizer, cfg.judge.no_words)
@@ -68,6 +69,10 @@ class InverseInstruct:
         # prompts are built on the engine-loop thread: one tokenizer user at a time (HF fast tokenizers
         # are not safe to share between threads).
         self._tokenizer_lock = threading.Lock()
+
+    def __del__(self) -> None:
+        if getattr(self, "owns_engine", False):  # absent if __init__ failed
+            close_engine(self.engine)
 
     @restart_actor_if_engine_dead
     def __call__(self, batch: pa.Table) -> pa.Table:

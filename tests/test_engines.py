@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ import torch
 from pipeline.config import ComputeConfig, GenerateConfig, ModelConfig
 from pipeline.engines import EngineDead, SamplingSpec, restart_actor_if_engine_dead, yes_probability
 from pipeline.engines.hf_engine import HFEngine
+from pipeline.evaluate.run import Completer
 from pipeline.generate import actor_pool
+from pipeline.inverse import InverseInstruct
 
 
 def test_score_is_p_yes_over_p_yes_plus_p_no():
@@ -98,6 +101,41 @@ def test_a_dead_engine_restarts_its_actor_a_bounded_number_of_times(ray_local, t
 def test_outside_an_actor_engine_dead_is_raised():
     with pytest.raises(EngineDead):
         _engine_dies_every_call()(os.devnull)(None)
+
+
+def _actor_with_an_engine(udf: type) -> type:
+    """A map_batches actor of `udf`'s class whose "engine" writes a file when closed (made in a function,
+    as above)."""
+
+    class MarksClose:
+        def __init__(self, marker: str) -> None:
+            self.marker = marker
+
+        def close(self) -> None:
+            with open(self.marker, "a") as f:
+                f.write("closed")
+
+    class ActorWithAnEngine(udf):
+        def __init__(self, marker: str) -> None:  # no model: only what __del__ reads
+            self.engine, self.owns_engine = MarksClose(marker), True
+
+        def __call__(self, batch):
+            return batch
+
+    return ActorWithAnEngine
+
+
+@pytest.mark.parametrize("udf", [InverseInstruct, Completer], ids=["generate", "evaluate"])
+def test_ray_data_retiring_an_actor_closes_its_engine(ray_local, tmp_path, udf):
+    """Ray Data retires its actors when the dataset is done, before Ray stops their child processes: that
+    is when the engine actors stop their vLLM engine core (their __del__)."""
+    marker = tmp_path / "closed"
+    ray_local.data.range(2).map_batches(_actor_with_an_engine(udf), fn_constructor_kwargs={"marker": str(marker)},
+                                        batch_size=2, **actor_pool(GenerateConfig())).materialize()
+    deadline = time.monotonic() + 60  # the pool retires its actors soon after the dataset is done
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists() and marker.read_text() == "closed"
 
 
 def _reads_vllm_log_level() -> type:

@@ -6,6 +6,8 @@ Parity with the transformers engine is measured in float32 on the same token-id 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -256,3 +258,34 @@ def test_the_kv_cache_size_engines_share_is_exact(vllm_engine):
         assert kv_cache_bytes(llm) == quarter
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+PINS = """
+import sys, weakref
+from pipeline.engines.vllm_engine import _import_vllm_on_its_own_thread
+
+class Actor:  # stands for a Ray Data actor whose __init__ starts the engine, so imports vLLM first
+    def __init__(self, on_a_thread):
+        if on_a_thread:
+            _import_vllm_on_its_own_thread()
+        import vllm.entrypoints.llm
+
+actor = Actor(sys.argv[1] == "thread")
+alive = weakref.ref(actor)
+del actor
+print("pinned" if alive() is not None else "freed")
+"""
+
+
+@pytest.mark.parametrize("how", ["thread", "inline"])
+def test_importing_vllm_pins_no_actor(how):
+    """vLLM keeps an import error's traceback (no torchcodec), which pins the frames of whoever imported
+    it first; an actor pinned that way stops its engine only at exit (see VLLMEngine). A fresh process
+    each: vLLM is imported once per process."""
+    out = subprocess.run([sys.executable, "-c", PINS, how], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    verdict = out.stdout.split()[-1]
+    if how == "thread":
+        assert verdict == "freed"
+    else:  # the reason for the thread; if this fails, vLLM no longer pins and the thread can go
+        assert verdict == "pinned"

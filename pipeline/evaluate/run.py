@@ -24,7 +24,8 @@ import ray
 
 from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation, job_ledger
-from pipeline.engines import Engine, SamplingSpec, create_engine, each_or_alone, restart_actor_if_engine_dead
+from pipeline.engines import (Engine, SamplingSpec, close_engine, create_engine, each_or_alone,
+                              restart_actor_if_engine_dead)
 from pipeline.evaluate import benchmarks
 from pipeline.evaluate.plus import load_plus_problems
 from pipeline.evaluate.sandbox import Outcome, run_program
@@ -54,11 +55,16 @@ class Completer:
         self.isolation = CrashIsolation(crash_ledger, id_column="task_id") if crash_ledger is not None else None
         t0 = time.perf_counter()
         self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
+        self.owns_engine = engine is None
         self.load_s: float | None = time.perf_counter() - t0  # reported once, with this actor's first batch
         self._lock = threading.Lock()
         self.prompts = PromptBuilder(self.engine.tokenizer, cfg.model.prompt_format)
         self.spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
                                  max_new_tokens=cfg.generation.max_new_tokens, stop=())
+
+    def __del__(self) -> None:
+        if getattr(self, "owns_engine", False):  # absent if __init__ failed
+            close_engine(self.engine)
 
     @restart_actor_if_engine_dead
     def __call__(self, batch: pa.Table) -> pa.Table:
