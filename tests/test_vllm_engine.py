@@ -277,15 +277,16 @@ print("pinned" if alive() is not None else "freed")
 """
 
 
-@pytest.mark.parametrize("how", ["thread", "inline"])
-def test_importing_vllm_pins_no_actor(how):
-    """vLLM keeps an import error's traceback (no torchcodec), which pins the frames of whoever imported
-    it first; an actor pinned that way stops its engine only at exit (see VLLMEngine). A fresh process
+def test_importing_vllm_pins_no_actor():
+    """vLLM keeps an import error's traceback (torchcodec missing), which pins the frames of whoever imported
+    it first; an actor pinned that way would stop its engine only at exit (see VLLMEngine). A fresh process
     each: vLLM is imported once per process."""
-    out = subprocess.run([sys.executable, "-c", PINS, how], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    verdict = out.stdout.split()[-1]
-    if how == "thread":
-        assert verdict == "freed"
-    else:  # the reason for the thread; if this fails, vLLM no longer pins and the thread can go
-        assert verdict == "pinned"
+
+    def run(how: str) -> str:
+        out = subprocess.run([sys.executable, "-c", PINS, how], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-1]
+
+    if run("inline") == "freed":
+        pytest.skip("this vLLM pins no importer's frames: _import_vllm_on_its_own_thread has nothing to do")
+    assert run("thread") == "freed"
