@@ -209,8 +209,9 @@ def actor_pool(cfg: GenerateConfig | EvaluateConfig) -> dict[str, Any]:
                                          enable_true_multi_threading=concurrent > 1),
             "max_concurrency": concurrent, "max_restarts": c.max_actor_restarts}
     # The driver's vLLM log level (see start_ray) reaches the actors on every node of a cluster too
-    # (a task's runtime_env is merged with the job's).
-    if level := os.environ.get("VLLM_LOGGING_LEVEL"):
+    # (a task's runtime_env is merged with the job's); vLLM's stats line is an INFO line.
+    level = "INFO" if cfg.model.log_engine_stats else os.environ.get("VLLM_LOGGING_LEVEL")
+    if level:
         args["runtime_env"] = {"env_vars": {"VLLM_LOGGING_LEVEL": level}}
     return args
 

@@ -153,3 +153,6 @@ def test_the_drivers_vllm_log_level_reaches_the_engine_actors(ray_local, monkeyp
     rows = ray_local.data.range(2).map_batches(_reads_vllm_log_level(), batch_size=2,
                                                **actor_pool(GenerateConfig())).take_all()
     assert [r["level"] for r in rows] == ["ERROR", "ERROR"]
+    # vLLM's stats line, when asked for, is an INFO line
+    stats = GenerateConfig(model=ModelConfig(log_engine_stats=True))
+    assert actor_pool(stats)["runtime_env"] == {"env_vars": {"VLLM_LOGGING_LEVEL": "INFO"}}
