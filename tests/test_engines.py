@@ -1,4 +1,5 @@
-"""The score formula, the transformers engine (on the tiny random model), and what a dead engine does to its actor."""
+"""The score formula, the transformers engine (on the tiny random model), and the engine actors: what a dead
+engine does to its actor, how a retired actor stops its engine, and which vLLM log level it gets."""
 
 from __future__ import annotations
 
