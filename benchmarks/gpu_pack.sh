@@ -58,8 +58,9 @@ pack_caches() {
   rm -f "$BENCH"/caches.*.tgz
 }
 
-# Caches carried in from an earlier session (a folder of caches.tar.gz.part*; see RESULTS.md), once per
-# machine; files already there (compiled on this machine) stay.
+# Caches carried in from an earlier machine (a folder of caches.tar.gz.part*: from this session's last call
+# after a machine went back, or a copy kept from an earlier session; see RESULTS.md), once per machine;
+# files already there (compiled on this machine) stay.
 restore_caches() {
   local carried=$1
   ls "$carried"/caches.tar.gz.part* > /dev/null 2>&1 && [ ! -f "$CACHE_ROOT/tmp/.ii-caches-restored" ] || return 0

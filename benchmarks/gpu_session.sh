@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh all|embedded|1.5b|6.7b|tests|train [budget seconds]
 # Benchmark steps resume: a step with a result in /tmp/bench-out/results.jsonl is not run again.
 # Installs the carried wheels (../shared/gpu) and the carried model (scripts/pack_gpu_extras.py) once per
-# machine, and compile caches an earlier session brought back (.gpuwheels/caches, when carried), then runs the
+# machine, and compile caches an earlier machine brought back (.gpuwheels/caches, when carried), then runs the
 # step; results accumulate in /tmp/bench-out while the machine is held. Every call ends with `pack_out`
 # (benchmarks/gpu_pack.sh: what comes back within the device tool's limits).
 set -uo pipefail
