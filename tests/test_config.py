@@ -27,6 +27,17 @@ def test_unknown_key_names_the_key_and_suggests(tmp_path):
         load_config(path)
 
 
+def test_a_loop_config_given_to_one_step_says_where_it_belongs():
+    demo = REPO / "configs" / "demo.yaml"
+    with pytest.raises(ConfigError, match=r"`evaluate`, `generate`, `train` are sections of a whole-loop config"):
+        load_config(demo)  # generate's schema
+    with pytest.raises(ConfigError, match=r"`evaluate`, `generate`, `train` are sections of a whole-loop config"):
+        load_config(demo, schema=EvaluateConfig)
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={"sumarize.num_candidates": 3})
+    assert "whole-loop" not in str(err.value)
+
+
 def test_unknown_section_and_ill_typed_values_name_the_key():
     with pytest.raises(ConfigError, match=r"sumarize: unknown config key"):
         load_config(overrides={"sumarize.num_candidates": 3})

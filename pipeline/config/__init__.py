@@ -67,7 +67,17 @@ def validate(raw: dict[str, Any], schema: type[T] = GenerateConfig) -> T:  # typ
     try:
         return TypeAdapter(schema).validate_python(raw)
     except ValidationError as err:
-        raise ConfigError(_explain(err, schema)) from None
+        raise ConfigError(_explain(err, schema) + _loop_config_hint(raw, schema)) from None
+
+
+def _loop_config_hint(raw: dict[str, Any], schema: type) -> str:
+    """A loop config (configs/demo.yaml) given to one of its steps fails on every section name: say so."""
+    own = {f.name for f in dataclasses.fields(schema)}
+    found = sorted(set(sections(LoopConfig)) & set(raw) - own)
+    if schema is LoopConfig or not found:
+        return ""
+    return (f"\n  (`{'`, `'.join(found)}` are sections of a whole-loop config: run it with `inverse-instruct loop` or "
+            "`demo --config`, or give this command only what is under its own section)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
