@@ -22,6 +22,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.generate import generate
+from tests.process_tools import kill_session
 from tests.test_io import bad_rows_jsonl
 
 pytestmark = pytest.mark.slow
@@ -145,8 +146,7 @@ def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
     while time.time() < deadline and len(list(scored.glob("*.parquet"))) < 2 and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_session(proc)  # the driver, the local Ray instance it started, Ray's workers
     assert not (cut / "_stages" / "inverse.json").exists()
 
     done = subprocess.run(_cli(tiny_model, corpus_folder, cut), env=env, capture_output=True, text=True, timeout=600)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.process_tools import kill_session
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -114,8 +115,7 @@ def test_resume_on_s3_after_the_driver_is_killed(s3_env, s3_corpus, tiny_model, 
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_session(proc)  # the driver, the local Ray instance it started, Ray's workers
     assert "Contents" not in client.list_objects_v2(Bucket="corpus", Prefix="runs/cut/_stages/inverse.json")
 
     # Same command again, same S3 folder: only the rest is scored, and the result is the uninterrupted one.

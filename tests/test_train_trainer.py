@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.process_tools import kill_session
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_CONFIG = REPO / "configs" / "train_cpu.yaml"
@@ -79,8 +80,7 @@ def test_killed_driver_resumes_from_its_checkpoint(tiny_model, generated, tmp_pa
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished (or failed) before it could be interrupted"
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, and the local Ray instance it started
-        proc.wait()
+        kill_session(proc)  # the driver, the local Ray instance it started, Ray's workers
     at_kill = _checkpoint_steps(out)
     assert at_kill and not (out / "model").exists()
 
