@@ -24,8 +24,8 @@ import pyarrow as pa
 
 from pipeline.config import GenerateConfig
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation
-from pipeline.engines import (Engine, EngineDead, SamplingSpec, close_engine, create_engine, each_or_alone,
-                              restart_actor_if_engine_dead, yes_probability)
+from pipeline.engines import (Engine, EngineDead, SamplingSpec, close_owned_engine, create_engine,
+                              each_or_alone, restart_actor_if_engine_dead, yes_probability)
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
 
@@ -71,8 +71,7 @@ class InverseInstruct:
         self._tokenizer_lock = threading.Lock()
 
     def __del__(self) -> None:
-        if getattr(self, "owns_engine", False):  # absent if __init__ failed
-            close_engine(self.engine)
+        close_owned_engine(self)
 
     @restart_actor_if_engine_dead
     def __call__(self, batch: pa.Table) -> pa.Table:

