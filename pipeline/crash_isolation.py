@@ -14,6 +14,11 @@ every engine it reaches, that alone would use up `compute.max_actor_restarts` an
   that has been in two crashes, the last one alone in its engine, is rejected ("engine crash") without
   another try.
 
+The ledger also knows which actors have their engine up, for the driver's sake: Ray retires a stage's
+actors in the background once its work is done, and a driver that ends first takes the local Ray
+instance down with them, before they have closed their engines (vLLM's engine core leaves its shared
+memory in /dev/shm then). So `job_ledger` waits, bounded, until every engine is closed.
+
 One poisonous snippet costs two actor restarts. The price of a crash that no snippet caused (a spot node
 taken back, the OOM killer) is that the snippets in flight run again one at a time, slower but with the
 same results; only a second unrelated crash during exactly one of those solo runs would reject a good one.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -49,6 +55,7 @@ class CrashLedger:
         self.crashes: dict[str, list[int]] = {}  # snippet id -> snippets in flight at each crash it was in
         self.dead: set[str] = set()
         self.rejected: set[str] = set()
+        self.engines_up: set[str] = set()  # processes whose engine is open
 
     def examine(self, ids: list[str]) -> dict[str, list[int]]:
         """The crash history of each snippet about to run. A snippet still in flight elsewhere is being
@@ -72,6 +79,16 @@ class CrashLedger:
             if self.holder.get(i) == process:
                 del self.holder[i]
 
+    def engine_opened(self, process: str) -> None:
+        self.engines_up.add(process)
+
+    def engine_closed(self, process: str) -> None:
+        self.engines_up.discard(process)
+
+    def engines_open(self) -> int:
+        """Engines still to be closed; a process known to have died has nothing left to close."""
+        return len(self.engines_up - self.dead)
+
     def summary(self) -> dict[str, int]:
         """For the run manifest."""
         return {"actor_deaths": len(self.dead), "in_flight_at_deaths": len(self.crashes),
@@ -87,15 +104,30 @@ def start_ledger() -> Any:
 
 
 @contextlib.contextmanager
-def job_ledger() -> Iterator[Any]:
-    """A ledger for one job's engine actors, stopped when the job's Ray Data work is over (or failed)."""
+def job_ledger(close_timeout_s: float = 60) -> Iterator[Any]:
+    """A ledger for one job's engine actors, stopped when the job's Ray Data work is over (or failed).
+    When the work succeeded, first waits (at most `close_timeout_s`) until the retired actors have
+    closed their engines."""
     import ray
 
     ledger = start_ledger()
     try:
         yield ledger
+        wait_for_engines_closed(ledger, close_timeout_s)
     finally:
         ray.kill(ledger)
+
+
+def wait_for_engines_closed(ledger: Any, timeout_s: float) -> None:
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (left := ray.get(ledger.engines_open.remote())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        log.warning("%d engine actor(s) had not closed their engine %.0f s after the stage's work ended; "
+                    "going on without them (what their engines leave, such as vLLM's shared memory in "
+                    "/dev/shm, may stay)", left, timeout_s)
 
 
 class EngineTurns:
@@ -141,12 +173,18 @@ Reject = Callable[[pa.Table, list[str]], pa.Table]  # (rows, detail per row) -> 
 
 class CrashIsolation:
     """One per engine actor: runs its batches through the ledger as described above. `id_column` names
-    each row uniquely within the run (snippets: `id`; benchmark problems: `task_id`)."""
+    each row uniquely within the run (snippets: `id`; benchmark problems: `task_id`).
+
+    Made once the actor's engine is up, which it tells the ledger; `engine_closed` says it is closed."""
 
     def __init__(self, ledger: Any, id_column: str = "id") -> None:
         self.ledger, self.id_column = ledger, id_column
         self.process = uuid.uuid4().hex  # a restarted actor is a new process with a new id
         self.turns = EngineTurns()
+        self._ask("engine_opened", self.process)
+
+    def engine_closed(self) -> None:
+        self._ask("engine_closed", self.process)
 
     def run(self, batch: pa.Table, score: Score, reject: Reject) -> pa.Table:
         ids = batch.column(self.id_column).to_pylist()

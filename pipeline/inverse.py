@@ -46,10 +46,10 @@ class InverseInstruct:
 
     def __init__(self, cfg: GenerateConfig, engine: Engine | None = None, crash_ledger: Any = None) -> None:
         # `engine` lets a caller share an already loaded engine (tests, notebooks). In a run, Ray passes
-        # cfg and the stage's crash ledger (see pipeline/crash_isolation.py).
-        self.isolation = CrashIsolation(crash_ledger) if crash_ledger is not None else None
+        # cfg and the stage's crash ledger (see pipeline/crash_isolation.py), told once the engine is up.
         self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
         self.owns_engine = engine is None
+        self.isolation = CrashIsolation(crash_ledger) if crash_ledger is not None else None
         tokenizer = self.engine.tokenizer
         self.prompts = PromptBuilder(tokenizer, cfg.model.prompt_format, cfg.judge.code_first)
         yes, no = single_token_ids(tokenizer, cfg.judge.yes_words), single_token_ids(tokenizer, cfg.judge.no_words)

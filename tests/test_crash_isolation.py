@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from pipeline.config import load_config
-from pipeline.crash_isolation import REASON, CrashIsolation, CrashLedger, EngineTurns, start_ledger
+from pipeline.crash_isolation import REASON, CrashIsolation, CrashLedger, EngineTurns, job_ledger, start_ledger
 from tests.test_generate import read, tiny_overrides
 
 
@@ -46,6 +46,27 @@ def test_one_crash_alone_is_not_enough_to_reject_a_snippet():
     assert ledger.examine(["x"]) == {"x": [1]} and ledger.summary()["rejected"] == 0
     ledger.begin("p2", ["x"])
     assert ledger.examine(["x"]) == {"x": [1, 1]} and ledger.summary()["rejected"] == 1
+
+
+def test_the_ledger_counts_engines_open_until_closed_or_their_process_died():
+    ledger = CrashLedger()
+    for process in ("p1", "p2", "p3"):
+        ledger.engine_opened(process)
+    ledger.engine_closed("p1")
+    ledger.begin("p2", ["a"])
+    ledger.examine(["a"])  # handed out again: p2 died with it in flight, and its engine with it
+    assert ledger.engines_open() == 1
+    ledger.engine_closed("p3")
+    assert ledger.engines_open() == 0
+
+
+def test_the_wait_for_engines_to_close_is_bounded(ray_local, caplog):
+    """An actor lost without a word (its node gone) must not hold the driver: it waits at most the bound."""
+    t0 = time.monotonic()
+    with job_ledger(close_timeout_s=2) as ledger:
+        ray.get(ledger.engine_opened.remote("never closes"))
+    assert 2 <= time.monotonic() - t0 < 30
+    assert "1 engine actor(s) had not closed their engine 2 s after" in caplog.text
 
 
 def test_an_exclusive_turn_waits_for_shared_ones_and_goes_before_new_ones():

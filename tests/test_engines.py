@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import ComputeConfig, GenerateConfig, ModelConfig
+from pipeline.crash_isolation import CrashIsolation, job_ledger
 from pipeline.engines import EngineDead, SamplingSpec, restart_actor_if_engine_dead, yes_probability
 from pipeline.engines.hf_engine import HFEngine
 from pipeline.evaluate.run import Completer
@@ -72,13 +73,14 @@ def test_sampling_is_seeded_per_prompt_and_stops_at_fence(hf_engine):
 
 
 def _engine_that_marks_close() -> type:
-    """An "engine" that writes to a file when closed (made in a function, see below)."""
+    """An "engine" that writes to a file when closed, after `close_s` (made in a function, see below)."""
 
     class MarksClose:
-        def __init__(self, marker: str) -> None:
-            self.marker = marker
+        def __init__(self, marker: str, close_s: float = 0.0) -> None:
+            self.marker, self.close_s = marker, close_s
 
         def close(self) -> None:
+            time.sleep(self.close_s)
             with open(self.marker, "a") as f:
                 f.write("closed ")
 
@@ -127,8 +129,9 @@ def _actor_with_an_engine(udf: type) -> type:
     marks_close = _engine_that_marks_close()
 
     class ActorWithAnEngine(udf):
-        def __init__(self, marker: str) -> None:  # no model: only what __del__ reads
-            self.engine, self.owns_engine = marks_close(marker), True
+        def __init__(self, marker: str, ledger) -> None:  # no model: only what __del__ reads
+            self.engine, self.owns_engine = marks_close(marker, close_s=3), True  # slow, as vLLM's can be
+            self.isolation = CrashIsolation(ledger)
 
         def __call__(self, batch):
             return batch
@@ -137,15 +140,15 @@ def _actor_with_an_engine(udf: type) -> type:
 
 
 @pytest.mark.parametrize("udf", [InverseInstruct, Completer], ids=["generate", "evaluate"])
-def test_ray_data_retiring_an_actor_closes_its_engine(ray_local, tmp_path, udf):
-    """Ray Data retires its actors when the dataset is done: that is when the engine actors close their vLLM
-    engine (their __del__; pipeline.engines.close_owned_engine says what is left to close by then)."""
+def test_ray_data_retiring_an_actor_closes_its_engine_before_the_stage_ends(ray_local, tmp_path, udf):
+    """Ray Data retires its actors in the background once the dataset is done: that is when the engine actors
+    close their vLLM engine (their __del__; pipeline.engines.close_owned_engine says what is left to close by
+    then). The stage's ledger waits for it, so that a driver ending right after cannot cut it short."""
     marker = tmp_path / "closed"
-    ray_local.data.range(2).map_batches(_actor_with_an_engine(udf), fn_constructor_kwargs={"marker": str(marker)},
-                                        batch_size=2, **actor_pool(GenerateConfig())).materialize()
-    deadline = time.monotonic() + 60  # the pool retires its actors soon after the dataset is done
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    with job_ledger() as ledger:
+        ray_local.data.range(2).map_batches(
+            _actor_with_an_engine(udf), fn_constructor_kwargs={"marker": str(marker), "ledger": ledger},
+            batch_size=2, **actor_pool(GenerateConfig())).materialize()
     assert marker.exists() and marker.read_text() == "closed "
 
 

@@ -134,7 +134,9 @@ def restart_actor_if_engine_dead(call: Callable[..., T]) -> Callable[..., T]:
 
 
 def close_owned_engine(actor: Any) -> None:
-    """Close `actor.engine` if the actor created it (`actor.owns_engine`; absent if its __init__ failed).
+    """Close `actor.engine` if the actor created it (`actor.owns_engine`; absent if its __init__ failed),
+    then tell the stage's crash ledger (`actor.isolation`, if any), for which the driver waits before it
+    ends (pipeline/crash_isolation.py).
 
     For the `__del__` of a Ray Data engine actor, which Ray Data calls when it retires the actor
     (`__ray_shutdown__`), and for an actor exiting on a dead engine. When Ray retires an actor, its worker
@@ -145,15 +147,15 @@ def close_owned_engine(actor: Any) -> None:
     (`VLLMEngine.close`). vLLM's worker process, a grandchild, sees its parent gone and exits by itself,
     unlinking its own; Python's resource tracker, another killed child, then prints a KeyError per name,
     which is noise."""
-    if not getattr(actor, "owns_engine", False):
-        return
-    close = getattr(actor.engine, "close", None)  # the transformers engine holds no other process
-    if close is None:
-        return
-    try:
-        close()
-    except Exception:  # noqa: BLE001 - a dead engine has nothing left to stop, and __del__ must not raise
-        log.debug("closing the engine failed", exc_info=True)
+    close = getattr(getattr(actor, "engine", None), "close", None)  # transformers holds no other process
+    if getattr(actor, "owns_engine", False) and close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - a dead engine has nothing left to stop, and __del__ must not raise
+            log.debug("closing the engine failed", exc_info=True)
+    isolation = getattr(actor, "isolation", None)
+    if isolation is not None:
+        isolation.engine_closed()
 
 
 def _in_ray_actor() -> bool:

@@ -52,10 +52,10 @@ class Completer:
     def __init__(self, cfg: EvaluateConfig, engine: Engine | None = None, crash_ledger: Any = None) -> None:
         # In a run, Ray passes cfg and the job's crash ledger: a prompt that kills every engine it reaches
         # fails its problem (`engine crash`) instead of the job (see pipeline/crash_isolation.py).
-        self.isolation = CrashIsolation(crash_ledger, id_column="task_id") if crash_ledger is not None else None
         t0 = time.perf_counter()
         self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
         self.owns_engine = engine is None
+        self.isolation = CrashIsolation(crash_ledger, id_column="task_id") if crash_ledger is not None else None
         self.load_s: float | None = time.perf_counter() - t0  # reported once, with this actor's first batch
         self._lock = threading.Lock()
         self.prompts = PromptBuilder(self.engine.tokenizer, cfg.model.prompt_format)
