@@ -208,11 +208,17 @@ def actor_pool(cfg: GenerateConfig | EvaluateConfig) -> dict[str, Any]:
     args = {"compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors,
                                          enable_true_multi_threading=concurrent > 1),
             "max_concurrency": concurrent, "max_restarts": c.max_actor_restarts}
+    # By default Ray SIGKILLs a retiring worker's child processes before the actor's shutdown hook runs:
+    # vLLM's engine core died unstopped, and Python's resource tracker with it (its KeyError tracebacks at
+    # every CPU stage's end). The engine actors' __del__ stops them instead (see close_owned_engine); an
+    # actor killed outright (ray.kill, a crash) still takes its children with it (tests/test_engines.py).
+    env = {"RAY_kill_child_processes_on_worker_exit": "false"}
     # The driver's vLLM log level (see start_ray) reaches the actors on every node of a cluster too
     # (a task's runtime_env is merged with the job's); vLLM's stats line is an INFO line.
     level = "INFO" if cfg.model.log_engine_stats else os.environ.get("VLLM_LOGGING_LEVEL")
     if level:
-        args["runtime_env"] = {"env_vars": {"VLLM_LOGGING_LEVEL": level}}
+        env["VLLM_LOGGING_LEVEL"] = level
+    args["runtime_env"] = {"env_vars": env}
     return args
 
 

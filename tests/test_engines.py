@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import time
 
 import numpy as np
@@ -152,6 +153,69 @@ def test_ray_data_retiring_an_actor_closes_its_engine_before_the_stage_ends(ray_
     assert marker.exists() and marker.read_text() == "closed "
 
 
+def _actor_with_a_child_process() -> type:
+    class ActorWithAChildProcess:
+        def __init__(self, marker: str) -> None:
+            self.marker, self.child = marker, subprocess.Popen(["sleep", "600"])  # as vLLM's engine core
+
+        def __call__(self, batch):
+            return batch
+
+        def __del__(self) -> None:
+            with open(self.marker, "w") as f:
+                f.write("running" if self.child.poll() is None else f"ended: {self.child.returncode}")
+            self.child.kill()
+
+    return ActorWithAChildProcess
+
+
+def test_ray_leaves_an_engine_actors_child_processes_to_its_shutdown_hook(ray_local, tmp_path):
+    """By default Ray SIGKILLs a retiring worker's child processes before it calls the actor's shutdown
+    hook: vLLM's engine core would die unstopped, and Python's resource tracker with it (KeyError tracebacks
+    at every CPU stage's end). The engine actors' pool turns that off (`actor_pool`), so __del__ stops them."""
+    marker = tmp_path / "child"
+    ray_local.data.range(2).map_batches(_actor_with_a_child_process(), fn_constructor_kwargs={"marker": str(marker)},
+                                        batch_size=2, **actor_pool(GenerateConfig())).materialize()
+    deadline = time.monotonic() + 60  # the pool retires its actors soon after the dataset is done
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.read_text() == "running"
+
+
+@pytest.mark.parametrize("end", ["ray.kill", "crash"])
+def test_an_engine_actor_that_does_not_retire_still_takes_its_child_processes_with_it(ray_local, end):
+    """What the runtime_env of the test above leaves as it was: no orphaned engine core holding a GPU."""
+    import psutil
+
+    @ray_local.remote(max_restarts=0)
+    class WithAChild:
+        def start(self) -> int:
+            self.child = subprocess.Popen(["sleep", "600"])
+            return self.child.pid
+
+        def crash(self) -> None:
+            os._exit(1)
+
+    actor = WithAChild.options(runtime_env=actor_pool(GenerateConfig())["runtime_env"]).remote()
+    child = psutil.Process(ray_local.get(actor.start.remote()))
+    if end == "ray.kill":
+        ray_local.kill(actor)
+    else:
+        actor.crash.remote()
+    def running() -> bool:
+        try:
+            return child.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if running():
+        child.kill()
+        pytest.fail(f"the child process outlived its actor ({end})")
+
+
 def _reads_vllm_log_level() -> type:
     class ReadsLevel:
         def __call__(self, batch):
@@ -169,4 +233,4 @@ def test_the_drivers_vllm_log_level_reaches_the_engine_actors(ray_local, monkeyp
     assert [r["level"] for r in rows] == ["ERROR", "ERROR"]
     # vLLM's stats line, when asked for, is an INFO line
     stats = GenerateConfig(model=ModelConfig(log_engine_stats=True))
-    assert actor_pool(stats)["runtime_env"] == {"env_vars": {"VLLM_LOGGING_LEVEL": "INFO"}}
+    assert actor_pool(stats)["runtime_env"]["env_vars"]["VLLM_LOGGING_LEVEL"] == "INFO"

@@ -139,14 +139,13 @@ def close_owned_engine(actor: Any) -> None:
     ends (pipeline/crash_isolation.py).
 
     For the `__del__` of a Ray Data engine actor, which Ray Data calls when it retires the actor
-    (`__ray_shutdown__`), and for an actor exiting on a dead engine. When Ray retires an actor, its worker
-    exit has killed the actor's child processes already (Ray 2.60: KillChildProcessesImmediately runs
-    before the actor's shutdown callback), vLLM's engine core with them, so what this stops is the client
-    side (its sockets and its monitor thread, before interpreter exit, where vLLM's shutdown messages could
-    find logging's streams already closed), and it removes the shared memory the killed core left
-    (`VLLMEngine.close`). vLLM's worker process, a grandchild, sees its parent gone and exits by itself,
-    unlinking its own; Python's resource tracker, another killed child, then prints a KeyError per name,
-    which is noise."""
+    (`__ray_shutdown__`), and for an actor exiting on a dead engine. On retirement this stops a live engine:
+    vLLM shuts its engine core and workers down and they remove their shared memory. That needs Ray NOT to
+    kill the actor's child processes before the shutdown hook, as it does by default (Ray 2.60:
+    KillChildProcessesImmediately runs before the actor's shutdown callback; the engine core then died
+    unstopped, and Python's resource tracker with it, which printed KeyError tracebacks at every CPU stage's
+    end): the engine actors' pool turns that off (`pipeline.generate.actor_pool`). For an engine that died,
+    `VLLMEngine.close` removes the shared memory its processes left."""
     close = getattr(getattr(actor, "engine", None), "close", None)  # transformers holds no other process
     if getattr(actor, "owns_engine", False) and close is not None:
         try:

