@@ -202,6 +202,7 @@ def test_an_engine_actor_that_does_not_retire_still_takes_its_child_processes_wi
         ray_local.kill(actor)
     else:
         actor.crash.remote()
+
     def running() -> bool:
         try:
             return child.status() != psutil.STATUS_ZOMBIE
