@@ -55,11 +55,8 @@ def main() -> None:
                         "engine_start_s": round(start_s, 1), "steady_s": round(secs, 1),
                         "snippets_per_s": round(len(rows) / secs, 3), "output_tokens_per_s": round(tokens / secs, 1)})
         emit(results[-1])
-        if engine_name == "vllm":
-            try:
-                engine.llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
+        if hasattr(engine, "close"):  # vLLM's: stops its processes, removes their sockets
+            engine.close()
         del actor, engine
         gc.collect()
         if torch.cuda.is_available():
