@@ -9,7 +9,8 @@ them: K samples per snippet as ONE n=K request, each snippet's K judge requests
 (1 new token, exact Yes/No log-probabilities) entering the same engine as soon as its samples are done
 (`compute.overlap`), and C batches in the engine at once (`compute.concurrent_batches`), as `generate`
 runs it. Steady state = from the first batch's start to the last batch's end inside the actors (Ray Data
-is told to wait until every engine is up, so that no engine starts while another works); engine starts are
+is told to wait until every engine is up, so that no engine starts while another works; the snippets are
+split into batches before, as `generate` splits its input while the engines load); engine starts are
 timed apart. For random-weight models the summaries are forced to the same
 per-snippet lengths seed_replay uses (benchmarks/common.py). Also reported: how much of the time the
 engine-loop thread was busy on its CPU, and in the actor's own code (judge prompts, adding requests), and
@@ -124,8 +125,12 @@ def main() -> None:
     context.wait_for_min_actors_s = 3600  # every engine up before the first batch: a clean steady state
     memory = GpuMemory()
     t_all = time.time()
+    # Split into batch-sized blocks before the engines start, as a real run has them by then: `generate`
+    # reads and splits its input while the engines load. Here the gate above also holds back all work
+    # upstream of the engines; split after it, the 8 slots of 4 engines on an H100 all had a batch only
+    # 3.7 s into a 13.2 s steady window (2026-11-24), an artifact of this benchmark alone.
     ds = ray.data.from_arrow(pa.Table.from_pylist(snippets)).repartition(
-        target_num_rows_per_block=cfg.compute.batch_size)
+        target_num_rows_per_block=cfg.compute.batch_size).materialize()
     with job_ledger() as ledger:  # the crash ledger `generate` uses, so that its cost is in the numbers
         out = ds.map_batches(
             TimedInverseInstruct, batch_size=cfg.compute.batch_size,
@@ -169,9 +174,7 @@ def main() -> None:
         "first_batch_after_last_start_s": round(first - max(r["init1"] for r in rows), 1),
         "steady_s": round(steady, 1),
         # when the last of the first engines x concurrent_batches batches started: until then some engine
-        # slot had nothing to do. Ray Data's streaming repartition hands out its first blocks slowly (~4 s
-        # to fill 8 slots with a sleeping actor on CPU; 0.03 s from pre-split blocks): a one-time cost that a
-        # long run does not notice, but it is inside this short steady window.
+        # slot had nothing to do (3.7 s of 13.2 with four engines before the input was split beforehand)
         "ramp_s": round(sorted(b[0] for b in batches)[min(len(actors) * cfg.compute.concurrent_batches,
                                                            len(batches)) - 1], 1),
         "wall_s": round(wall, 1), "snippets_per_s": round(len(rows) / steady, 3),
