@@ -308,9 +308,9 @@ time.sleep(120)
 
 
 def test_left_behind_sockets_go_at_once_and_shared_memory_once_the_processes_are_gone(tmp_path):
-    """Ray SIGKILLs an engine actor's engine core before the actor's shutdown hook (VLLMEngine.close), so
-    the core never unlinks its ring buffer: close removes what the engine's processes mapped, once they are
-    all gone, and nothing while one of them runs. The engine's socket folder goes at once."""
+    """An engine core that was killed (a crash, the OOM killer) never unlinks its ring buffer: close removes
+    what the engine's processes mapped, once they are all gone, and nothing while one of them runs. The
+    engine's socket folder goes at once (removing a socket file harms no one connected)."""
     import socket
     from types import SimpleNamespace
 
