@@ -7,9 +7,11 @@ AWS_ENDPOINT_URL_S3 points them (and boto3) at the local server, as a user's env
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,27 +23,68 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
+class WriteGate:
+    """WSGI middleware in front of the S3 server: while armed, lets the writes of the first `allow` objects
+    under `prefix` through and holds the write of any further one until `release`, which fails it. A test
+    that kills a run then knows exactly what reached S3, however fast the run goes."""
+
+    def __init__(self, app, prefix: str = "", allow: int = 0) -> None:
+        self.app, self.prefix, self.allow, self.armed = app, prefix, allow, False
+        self.admitted: set[str] = set()
+        self.held, self.released, self.lock = threading.Event(), threading.Event(), threading.Lock()
+
+    def arm(self, prefix: str, allow: int) -> None:
+        self.prefix, self.allow, self.armed = prefix, allow, True
+
+    def release(self) -> None:
+        self.armed = False
+        self.released.set()
+
+    def __call__(self, environ, start_response):
+        path = environ["PATH_INFO"]
+        if self.armed and environ["REQUEST_METHOD"] in ("PUT", "POST") and path.startswith(self.prefix) \
+                and path.endswith(".parquet"):
+            with self.lock:
+                if len(self.admitted) < self.allow:
+                    self.admitted.add(path)
+                admitted = path in self.admitted
+            if not admitted:
+                self.held.set()
+                self.released.wait(timeout=900)
+                start_response("503 Service Unavailable", [("Content-Length", "0")])
+                return [b""]
+        return self.app(environ, start_response)
+
+
 @pytest.fixture(scope="module")
 def s3_env():
+    """moto's S3 server on loopback behind a `WriteGate`; the env that points a run at it, a boto3 client."""
     boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    gate = WriteGate(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", 0, gate, threaded=True, request_handler=MotoRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    werkzeug_log = logging.getLogger("werkzeug")
+    quiet = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)  # one INFO line per request buried a failure's own output
+    host, port = server.server_address[:2]
     env = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
                           aws_access_key_id="test", aws_secret_access_key="test")
     client.create_bucket(Bucket="corpus")
-    yield env, client
-    server.stop()
+    yield env, client, gate
+    gate.release()
+    server.shutdown()
+    werkzeug_log.setLevel(quiet)
 
 
 @pytest.fixture(scope="module")
 def s3_corpus(s3_env, corpus) -> str:
     """12 real rows and one malformed line, as JSONL in the bucket."""
-    _, client = s3_env
+    _, client, _ = s3_env
     body = "".join(json.dumps(row) + "\n" for row in corpus[:12]).encode() + b"{broken\n"
     client.put_object(Bucket="corpus", Key="evol/part-0.jsonl", Body=body)
     return "s3://corpus/evol"
@@ -78,7 +121,7 @@ def _table(env: dict[str, str], folder: str, sort: list[str]) -> list[dict]:
 @pytest.fixture(scope="module")
 def first_run(s3_env, s3_corpus, tiny_model) -> dict:
     """An uninterrupted run from s3:// to s3://; its manifest."""
-    env, client = s3_env
+    env, client, _ = s3_env
     done = subprocess.run(_cli(tiny_model, s3_corpus, "s3://corpus/runs/one"), env=_run_env(env),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -86,7 +129,7 @@ def first_run(s3_env, s3_corpus, tiny_model) -> dict:
 
 
 def test_generate_from_and_to_s3(s3_env, s3_corpus, tiny_model, first_run):
-    env, client = s3_env
+    env, client, _ = s3_env
     manifest = first_run
     assert manifest["counts"]["input"] == 13 and manifest["all_rows_accounted_for"]
     assert manifest["counts"]["rejected_by_stage_and_reason"]["read/malformed json"] == 1
@@ -101,29 +144,38 @@ def test_generate_from_and_to_s3(s3_env, s3_corpus, tiny_model, first_run):
     assert _manifest(client, "runs/one")["stages"] == manifest["stages"]
 
 
-def test_resume_on_s3_after_the_driver_is_killed(s3_env, s3_corpus, tiny_model, first_run):
-    env, client = s3_env
+def test_resume_on_s3_after_the_driver_is_killed(s3_env, s3_corpus, tiny_model, first_run, tmp_path):
+    env, client, gate = s3_env
     args = _cli(tiny_model, s3_corpus, "s3://corpus/runs/cut")
+    snippets = first_run["counts"]["snippets"]
+    assert snippets >= 3
 
-    # Kill the driver (and its process group, its local Ray with it) once some snippets are in S3.
-    proc = subprocess.Popen(args, env=_run_env(env), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        listed = client.list_objects_v2(Bucket="corpus", Prefix="runs/cut/_work/scored/").get("Contents", [])
-        if sum(o["Key"].endswith(".parquet") for o in listed) >= 2:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-    kill_session(proc)  # the driver, the local Ray instance it started, Ray's workers
+    # Kill the driver (and its process group, its local Ray with it) while the third snippet's file is on its
+    # way to S3: two are there, and the gate holds that write (the tiny model scores all of them in 0.3 s, so
+    # a kill timed by polling S3 came after the last one now and then).
+    gate.arm("/corpus/runs/cut/_work/scored/", allow=2)
+    log = tmp_path / "cut.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(args, env=_run_env(env), start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not gate.held.is_set():
+            time.sleep(0.1)
+        running = proc.poll() is None
+        kill_session(proc)  # the driver, the local Ray instance it started, Ray's workers
+        gate.release()  # the held write fails: its writer is gone
+    assert running and gate.held.is_set(), f"no third write to hold (exit {proc.returncode}):\n" \
+                                           f"{log.read_text()[-3000:]}"
+    scored = client.list_objects_v2(Bucket="corpus", Prefix="runs/cut/_work/scored/").get("Contents", [])
+    assert sum(o["Key"].endswith(".parquet") for o in scored) == 2
     assert "Contents" not in client.list_objects_v2(Bucket="corpus", Prefix="runs/cut/_stages/inverse.json")
 
     # Same command again, same S3 folder: only the rest is scored, and the result is the uninterrupted one.
     done = subprocess.run(args, env=_run_env(env), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = _manifest(client, "runs/cut")
-    assert manifest["resume"]["inverse_snippets_resumed"] >= 2
-    assert manifest["resume"]["inverse_snippets_scored_now"] >= 1
+    # One snippet per file (batches of one): exactly the two that reached S3 are not scored again.
+    assert manifest["resume"] == {"inverse_snippets_resumed": 2, "inverse_snippets_scored_now": snippets - 2}
     assert manifest["all_rows_accounted_for"] and manifest["counts"] == first_run["counts"]
     for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
         assert _table(env, f"corpus/runs/cut/{folder}", keys) == _table(env, f"corpus/runs/one/{folder}", keys), folder
