@@ -153,21 +153,25 @@ def test_resume_on_s3_after_the_driver_is_killed(s3_env, s3_corpus, tiny_model, 
     # Kill the driver (and its process group, its local Ray with it) while the third snippet's file is on its
     # way to S3: two are there, and the gate holds that write (the tiny model scores all of them in 0.3 s, so
     # a kill timed by polling S3 came after the last one now and then).
+    def in_s3() -> int:
+        listed = client.list_objects_v2(Bucket="corpus", Prefix="runs/cut/_work/scored/").get("Contents", [])
+        return sum(o["Key"].endswith(".parquet") for o in listed)
+
     gate.arm("/corpus/runs/cut/_work/scored/", allow=2)
     log = tmp_path / "cut.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen(args, env=_run_env(env), start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=stderr)
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not gate.held.is_set():
+        # Both admitted writes done too (one may still be on its way when the third is held).
+        while time.time() < deadline and proc.poll() is None and not (gate.held.is_set() and in_s3() == 2):
             time.sleep(0.1)
         running = proc.poll() is None
         kill_session(proc)  # the driver, the local Ray instance it started, Ray's workers
         gate.release()  # the held write fails: its writer is gone
     assert running and gate.held.is_set(), f"no third write to hold (exit {proc.returncode}):\n" \
                                            f"{log.read_text()[-3000:]}"
-    scored = client.list_objects_v2(Bucket="corpus", Prefix="runs/cut/_work/scored/").get("Contents", [])
-    assert sum(o["Key"].endswith(".parquet") for o in scored) == 2
+    assert in_s3() == 2
     assert "Contents" not in client.list_objects_v2(Bucket="corpus", Prefix="runs/cut/_stages/inverse.json")
 
     # Same command again, same S3 folder: only the rest is scored, and the result is the uninterrupted one.
