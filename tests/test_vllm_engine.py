@@ -7,7 +7,6 @@ Parity with the transformers engine is measured in float32 on the same token-id 
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pipeline.extract import Snippet, extract_code
 from pipeline.inverse import InverseInstruct
 from pipeline.models import embedded_model_dir
 from pipeline.prompts import PromptBuilder, single_token_ids
+from tests.process_tools import is_socket
 
 pytestmark = pytest.mark.vllm
 MAX_LEN = 1024
@@ -366,5 +366,5 @@ def test_the_real_engine_knows_its_processes_their_shared_memory_and_sockets(vll
         assert vllm_engine._shared_memory
     assert all(os.path.exists(f"/dev/shm/{name}") for name in vllm_engine._shared_memory)
     if vllm_engine._ipc_folder is not None:  # None under a user's own VLLM_RPC_BASE_PATH
-        sockets = [entry for entry in os.scandir(vllm_engine._ipc_folder) if stat.S_ISSOCK(entry.stat().st_mode)]
+        sockets = [entry for entry in os.scandir(vllm_engine._ipc_folder) if is_socket(entry)]
         assert len(sockets) >= 3  # at least the engine client's: its handshake, input and output
