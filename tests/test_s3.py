@@ -28,8 +28,8 @@ class WriteGate:
     under `prefix` through and holds the write of any further one until `release`, which fails it. A test
     that kills a run then knows exactly what reached S3, however fast the run goes."""
 
-    def __init__(self, app, prefix: str = "", allow: int = 0) -> None:
-        self.app, self.prefix, self.allow, self.armed = app, prefix, allow, False
+    def __init__(self, app) -> None:
+        self.app, self.prefix, self.allow, self.armed = app, "", 0, False
         self.admitted: set[str] = set()
         self.held, self.released, self.lock = threading.Event(), threading.Event(), threading.Lock()
 
