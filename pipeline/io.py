@@ -2,8 +2,8 @@
 
 Every input row gets `source` (file path relative to the input root, or the dataset name) and
 `source_index` (its position there) and `id` = hash(source, source_index). A row that cannot be read
-(malformed JSON line, missing field, non-string, non-UTF-8 bytes) is still a row: it carries `reason`
-and `detail` instead of text, so that nothing is lost silently.
+(malformed JSON line, missing field, non-string, bytes that are neither UTF-8 nor BOM-marked UTF-16) is
+still a row: it carries `reason` and `detail` instead of text, so that nothing is lost silently.
 
 Paths may be local or `s3://...` (anything pyarrow.fs understands); the files are listed on the driver
 and parsed by Ray tasks, one file per task.
@@ -11,6 +11,7 @@ and parsed by Ray tasks, one file per task.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -74,8 +75,11 @@ def _parse_file(task: dict[str, Any], cfg: InputConfig) -> Iterator[dict[str, An
         records: Iterator[Any] = _parquet_records(fs, path)
     else:
         with fs.open_input_stream(path) as stream:
-            data = stream.read()
-        records = _jsonl_records(data) if task["format"] == "jsonl" else _json_array_records(data)
+            data = _as_utf8(stream.read())
+        if isinstance(data, Unreadable):
+            records = iter([data])
+        else:
+            records = _jsonl_records(data) if task["format"] == "jsonl" else _json_array_records(data)
     for index, record in enumerate(records):
         if limit is not None and index >= limit:
             break
@@ -89,11 +93,23 @@ class Unreadable:
         self.reason, self.detail = reason, detail
 
 
+def _as_utf8(data: bytes) -> bytes | Unreadable:
+    """The file's bytes as UTF-8 without a byte-order mark. Windows tools write a UTF-8 BOM (Notepad) or
+    UTF-16 (PowerShell 5's `>`); `json` refuses the first and reads the second as garbage."""
+    if data.startswith(codecs.BOM_UTF8):
+        return data[len(codecs.BOM_UTF8):]
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16").encode("utf-8")
+        except UnicodeError as err:  # a bad pair breaks the whole decode: one row says so
+            return Unreadable("non-utf8 text", f"UTF-16 file (byte-order mark), invalid at byte {err.start}")
+    return data
+
+
 def _jsonl_records(data: bytes) -> Iterator[Any]:
-    lines = data.split(b"\n")
-    if lines and lines[-1].strip() == b"":
-        lines.pop()
-    for number, line in enumerate(lines, start=1):
+    # Blank lines are not records (most JSON Lines writers and readers allow them): skipped, not counted.
+    lines = [(number, line) for number, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+    for number, line in lines:
         # surrogateescape keeps undecodable bytes as lone surrogates; to_row rejects those rows.
         text = line.decode("utf-8", "surrogateescape")
         try:

@@ -46,6 +46,27 @@ def test_jsonl_bad_rows_become_rows_with_reasons(ray_local, tmp_path):
     assert rows[0]["id"] == row_id("bad.jsonl", 0)
 
 
+def test_windows_encodings_and_blank_lines(ray_local, tmp_path):
+    """A UTF-8 byte-order mark (Notepad) and UTF-16 (PowerShell 5's `>`) are read; blank lines and CRLF
+    endings are not rows; a UTF-16 file with a broken character is one row with the reason."""
+    line = json.dumps({**GOOD, "instruction": "Add numbers ✓"})
+    files = {
+        "bom.jsonl": b"\xef\xbb\xbf" + f"{line}\r\n\r\n{line}\r\n".encode(),
+        "utf16.jsonl": f"{line}\n\n{line}\n".encode("utf-16"),
+        "bom.json": b"\xef\xbb\xbf" + json.dumps([GOOD]).encode(),
+        "broken16.jsonl": "\ufeff".encode("utf-16-le") + line.encode("utf-16-le") + b"\x00\xd8",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    rows = {name: rows_of(read_corpus(InputConfig(path=str(tmp_path / name)))) for name in files}
+    for name in ("bom.jsonl", "utf16.jsonl"):
+        assert [(r["instruction"], r["reason"], r["source_index"]) for r in rows[name]] == [
+            ("Add numbers ✓", None, 0), ("Add numbers ✓", None, 1)], name
+    assert [r["instruction"] for r in rows["bom.json"]] == ["Add numbers."]
+    assert [(r["reason"], r["detail"]) for r in rows["broken16.jsonl"]] == [
+        ("non-utf8 text", f"UTF-16 file (byte-order mark), invalid at byte {2 + 2 * len(line)}")]
+
+
 def test_json_array_and_limit(ray_local, tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps([GOOD, {**GOOD, "instruction": "second"}, {**GOOD, "instruction": "third"}]))
