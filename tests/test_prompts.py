@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoTokenizer
 
-from pipeline.prompts import (JUDGE_ASK, PREFIXES, SUMMARIZE_ASK, SYSTEM, PromptBuilder, pick_prefix,
-                              single_token_ids)
+from pipeline.models import embedded_model_dir
+from pipeline.prompts import (JUDGE_ASK, PREFIXES, SUMMARIZE_ASK, SYSTEM, PromptBuilder, _encode_in_pieces, fenced,
+                              pick_prefix, single_token_ids)
 
 
 def test_chat_format_ends_with_the_opening(tiny_model):
@@ -55,9 +57,6 @@ def test_code_first_judge_prompts_of_one_snippet_share_the_code_as_prefix(tiny_m
 def test_judge_prompts_tokenized_together_equal_each_tokenized_alone(corpus):
     """`judge_all` tokenizes a snippet's K prompts in one call; the ids must be those of each prompt alone
     (checked with the real SmolLM2 tokenizer on real instructions, against the template's own tokenizing)."""
-    from pipeline.models import embedded_model_dir
-    from pipeline.prompts import fenced
-
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     code = "def add(a, b):\n    return a + b\n"
     instructions = [row["instruction"] for row in corpus[:10]]
@@ -72,3 +71,35 @@ def test_judge_prompts_tokenized_together_equal_each_tokenized_alone(corpus):
     for ids, instruction in zip(magicoder, instructions):
         user = JUDGE_ASK.format(instruction=instruction, code=fenced(code, "python"))
         assert ids == tok(f"{SYSTEM}\n\n@@ Instruction\n{user}\n\n@@ Response\n")["input_ids"]
+
+
+@pytest.mark.parametrize("fmt", ["chat", "magicoder"])
+def test_special_token_strings_in_code_and_instructions_stay_text(fmt):
+    """Code or an instruction that spells a special token (`<|endoftext|>`, `<|im_end|>`, or `<filename>` of
+    SmolLM2's StarCoder-style vocabulary) is tokenized as text: the prompt holds only the template's special
+    tokens, and decodes back to its text."""
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    builder = PromptBuilder(tok, fmt)
+    code = 'tok.eos_token = "<|endoftext|>"\nprint("usage: prog <filename>")'
+    instruction = "Set <|im_end|> as the end."
+    specials = set(tok.all_special_ids)
+    template_only = [i for i in builder.judge("Write a tool.", "x = 1", "python") if i in specials]
+    ids = builder.judge(instruction, code, "python")
+    assert [i for i in ids if i in specials] == template_only
+    text, _ = builder._text(JUDGE_ASK.format(instruction=instruction, code=fenced(code, "python")), "")
+    assert tok.decode(ids) == text
+    summary = builder.summarize(code, "python", "Write a python")
+    assert [i for i in summary if i in specials] == template_only
+    assert tok.decode(summary).endswith("<filename>\")\n```" + ("<|im_end|>\n<|im_start|>assistant\n" if fmt == "chat"
+                                                                        else "\n\n@@ Response\n") + "Write a python")
+
+
+def test_tokenizing_in_pieces_gives_one_calls_ids(corpus):
+    """The pieces (template parsed, ordinary parts as plain text) join into the ids of one call, so a prompt
+    with a special-token string differs from the others only there (real SmolLM2 tokenizer, real code)."""
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    builder = PromptBuilder(tok, "chat")
+    for row in corpus[:40]:
+        user = f"{SUMMARIZE_ASK}\n{fenced(row['output'], 'python')}"
+        text, parts = builder._text(user, "Write a python")
+        assert _encode_in_pieces(tok, text, parts, add_special_tokens=False) == tok(text)["input_ids"]

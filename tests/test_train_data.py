@@ -58,6 +58,24 @@ def test_only_response_tokens_are_trained_and_the_prompt_is_generations(tiny_mod
     assert answer.startswith(response) and answer != response  # ends with the end-of-turn / EOS token
 
 
+@pytest.mark.parametrize("fmt", ["chat", "magicoder"])
+def test_special_token_strings_in_a_pair_are_trained_as_text(tiny_model, fmt):
+    """A response that spells the end-of-turn token must not teach the model to end its turn mid-code
+    (nor, for `<|endoftext|>`, to write a token that decoding drops): both stay text; only the real end
+    token is a special id."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    instruction, response = "Split on <|endoftext|>.", 'docs = text.split("<|endoftext|>")\nend = "<|im_end|>"'
+    out = tokenize_batch(_rows([{"instruction": instruction, "response": response}]), tiny_model, fmt, 512)
+    ids = out["input_ids"][0].as_py()
+    specials = [i for i in ids if i in set(tok.all_special_ids)]
+    template_specials = [i for i in tokenize_batch(_rows([{"instruction": "a", "response": "b"}]), tiny_model, fmt,
+                                                     512)["input_ids"][0].as_py() if i in set(tok.all_special_ids)]
+    assert specials == template_specials and specials[-1] == tok.eos_token_id
+    assert instruction in tok.decode(ids) and response in tok.decode(ids)
+
+
 def test_bad_and_long_rows_get_a_status_not_a_crash(tiny_model):
     long_prompt = "word " * 400
     out = tokenize_batch(_rows([

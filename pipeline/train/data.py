@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipeline.prompts import SYSTEM
+from pipeline.prompts import SYSTEM, encode_ordinary
 
 IGNORE = -100  # label of a token that is not trained (the loss functions' ignore_index)
 KEPT = ("ok", "truncated")  # statuses of examples that are trained
@@ -53,23 +53,23 @@ def resolve_prompt_format(tokenizer: Any, prompt_format: str) -> str:
 
 
 def encode_example(tokenizer: Any, prompt_format: str, instruction: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt (as generation renders it) and of the response (with its end token)."""
+    """Token ids of the prompt (as generation renders it) and of the response (with its end token).
+    The instruction and response are ordinary text: a special-token string in them is spelled out."""
     if prompt_format == "magicoder":
-        prompt = list(tokenizer(f"{SYSTEM}\n\n@@ Instruction\n{instruction}\n\n@@ Response\n",
-                                add_special_tokens=True)["input_ids"])
-        answer = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
-        return prompt, answer
+        text = f"{SYSTEM}\n\n@@ Instruction\n{instruction}\n\n@@ Response\n"
+        prompt = encode_ordinary(tokenizer, [text], [[text]], add_special_tokens=True)[0]
+        return prompt, encode_ordinary(tokenizer, [response], [[response]])[0] + [tokenizer.eos_token_id]
     user = [{"role": "user", "content": instruction}]
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     # The template's own end-of-turn text is part of what the model must learn to write; a template
     # that does not extend the prompt (rare) gets the response plus the EOS token instead.
     tail = full[len(prompt_text):] if full.startswith(prompt_text) else None
-    prompt = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    prompt = encode_ordinary(tokenizer, [prompt_text], [[instruction]])[0]
     if tail is None:
-        answer = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        answer = encode_ordinary(tokenizer, [response], [[response]])[0] + [tokenizer.eos_token_id]
     else:
-        answer = list(tokenizer(tail, add_special_tokens=False)["input_ids"])
+        answer = encode_ordinary(tokenizer, [tail], [[response]])[0]
     return prompt, answer
 
 
