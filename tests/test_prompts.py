@@ -90,8 +90,8 @@ def test_special_token_strings_in_code_and_instructions_stay_text(fmt):
     assert tok.decode(ids) == text
     summary = builder.summarize(code, "python", "Write a python")
     assert [i for i in summary if i in specials] == template_only
-    assert tok.decode(summary).endswith("<filename>\")\n```" + ("<|im_end|>\n<|im_start|>assistant\n" if fmt == "chat"
-                                                                        else "\n\n@@ Response\n") + "Write a python")
+    text, _ = builder._text(f"{SUMMARIZE_ASK}\n{fenced(code, 'python')}", "Write a python")
+    assert tok.decode(summary) == text
 
 
 def test_tokenizing_in_pieces_gives_one_calls_ids(corpus):
