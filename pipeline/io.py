@@ -31,6 +31,8 @@ EMBEDDED_CORPUS_PATH = DATA_DIR / "evol-codealpaca-2k.json"
 
 ROW_COLUMNS = ("id", "source", "source_index", "instruction", "response", "reason", "detail")
 _SUFFIX_FORMAT = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+# JSON and JSONL may be compressed: pyarrow's open_input_stream decompresses these by the file's suffix.
+_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 
 
 def row_id(source: str, index: int) -> str:
@@ -214,12 +216,20 @@ def _list_files(fs: pafs.FileSystem, root: str, fmt: str) -> list[tuple[str, str
                       if i.type == pafs.FileType.File and not Path(i.path).name.startswith((".", "_"))]
     files = []
     for i in sorted(candidates, key=lambda i: i.path):
-        kind = fmt if fmt != "auto" else _SUFFIX_FORMAT.get(Path(i.path).suffix.lower())
+        kind = fmt if fmt != "auto" else _format_of(i.path)
         if kind is not None:
             files.append((i.path, kind))
     if not files:
-        raise FileNotFoundError(f"input.path: no .json, .jsonl or .parquet files under {root}")
+        raise FileNotFoundError(f"input.path: no .json, .jsonl (also {', '.join(_COMPRESSED)}) or .parquet files "
+                                f"under {root}")
     return files
+
+
+def _format_of(path: str) -> str | None:
+    name = Path(path).name.lower()
+    compressed = name.endswith(_COMPRESSED)
+    kind = _SUFFIX_FORMAT.get(Path(name.rsplit(".", 1)[0] if compressed else name).suffix)
+    return None if compressed and kind == "parquet" else kind  # Parquet compresses inside the file
 
 
 def as_uri(path: str) -> str:

@@ -67,6 +67,22 @@ def test_windows_encodings_and_blank_lines(ray_local, tmp_path):
         ("non-utf8 text", f"UTF-16 file (byte-order mark), invalid at byte {2 + 2 * len(line)}")]
 
 
+def test_compressed_json_and_jsonl(ray_local, tmp_path):
+    """`.jsonl.gz` (how corpora are often shipped), `.json.bz2`, `.jsonl.zst` are read like the plain files."""
+    import pyarrow as pa
+
+    folder = tmp_path / "zipped"
+    folder.mkdir()
+    for name, text in (("a.jsonl.gz", json.dumps(GOOD) + "\n" + json.dumps(GOOD)), ("b.json.bz2", json.dumps([GOOD])),
+                       ("c.jsonl.zst", json.dumps(GOOD))):
+        with pa.output_stream(str(folder / name)) as out:  # compressed by the suffix
+            out.write(text.encode())
+    rows = rows_of(read_corpus(InputConfig(path=str(folder))))
+    assert [(r["source"], r["source_index"], r["reason"]) for r in rows] == [
+        ("a.jsonl.gz", 0, None), ("a.jsonl.gz", 1, None), ("b.json.bz2", 0, None), ("c.jsonl.zst", 0, None)]
+    assert {r["response"] for r in rows} == {GOOD["response"]}
+
+
 def test_json_array_and_limit(ray_local, tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps([GOOD, {**GOOD, "instruction": "second"}, {**GOOD, "instruction": "third"}]))
