@@ -91,15 +91,17 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
 def _forget_changed_stages(out: OutputDir, prints: dict[str, str], overwrite: bool) -> None:
     """Make stages whose recorded config differs from this one run again, from the first such stage on.
 
-    Refused for the expensive stages (their outputs would mix two configs) unless `overwrite`;
-    `select` is cheap and deterministic, so a change there is simply redone.
+    Redoing `preprocess` or `inverse` discards the scored work of `inverse` (or would mix two configs in
+    it), so that is refused unless `overwrite`, once `inverse` has started. Before that (a first run that
+    failed in preprocess, say on a mistyped input path) the changed stages are simply redone, and so is
+    a change to `select`, which is cheap and deterministic.
     """
     recorded = {s: (out.read_json(f"_stages/{s}.started.json") or {}).get("fingerprint") for s in STAGES}
     changed = [s for s in STAGES if recorded[s] not in (None, prints[s])]
     if not changed:
         return
     expensive = [s for s in changed if s != "select"]
-    if expensive and not overwrite:
+    if expensive and recorded["inverse"] is not None and not overwrite:
         raise ConfigError(
             f"output {out.uri} holds a `{expensive[0]}` stage made with a different config; use a new "
             f"--output, or --overwrite to redo it (and what follows) with this config"

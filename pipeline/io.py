@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
-from pipeline.config import EMBEDDED_CORPUS, InputConfig
+from pipeline.config import EMBEDDED_CORPUS, ConfigError, InputConfig
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 EMBEDDED_CORPUS_PATH = DATA_DIR / "evol-codealpaca-2k.json"
@@ -42,14 +42,15 @@ def row_id(source: str, index: int) -> str:
 # ---------------------------------------------------------------- reading
 
 
-def read_corpus(cfg: InputConfig) -> ray.data.Dataset:
-    """The corpus as rows of ROW_COLUMNS; `cfg.limit` keeps the first N rows in source order."""
+def read_corpus(cfg: InputConfig, path_key: str = "input.path") -> ray.data.Dataset:
+    """The corpus as rows of ROW_COLUMNS; `cfg.limit` keeps the first N rows in source order. An input that
+    cannot be read at all is a ConfigError naming `path_key` (the config key the path came from)."""
     path = str(EMBEDDED_CORPUS_PATH) if cfg.path == EMBEDDED_CORPUS else cfg.path
     fmt = cfg.format
     if fmt == "hf" or (fmt == "auto" and _is_hf_dataset(path)):
         return _read_hf(path, cfg)
     fs, root = pafs.FileSystem.from_uri(as_uri(path))
-    files = _list_files(fs, root, fmt)
+    files = _list_files(fs, root, fmt, path_key)
     tasks = [
         {"uri": _join_uri(path, root, f), "source": _relative(root, f), "format": fmt_, "rank": rank}
         for rank, (f, fmt_) in enumerate(files)
@@ -185,6 +186,8 @@ def _read_hf(name: str, cfg: InputConfig) -> ray.data.Dataset:
     if Path(name).is_dir():
         hf = datasets.load_from_disk(name)
         if isinstance(hf, datasets.DatasetDict):
+            if cfg.split not in hf:
+                raise ConfigError(f"input.split: {cfg.split!r} is not a split of {name} (it has {sorted(hf)})")
             hf = hf[cfg.split]
     else:
         hf = datasets.load_dataset(name, split=cfg.split)
@@ -205,10 +208,10 @@ def _is_hf_dataset(path: str) -> bool:
             and path.count("/") <= 1 and not path.startswith((".", "/", "~")))
 
 
-def _list_files(fs: pafs.FileSystem, root: str, fmt: str) -> list[tuple[str, str]]:
+def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list[tuple[str, str]]:
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input.path: {root} does not exist")
+        raise ConfigError(f"{path_key}: {root} does not exist")
     if info.type == pafs.FileType.File:
         candidates = [info]
     else:
@@ -220,8 +223,7 @@ def _list_files(fs: pafs.FileSystem, root: str, fmt: str) -> list[tuple[str, str
         if kind is not None:
             files.append((i.path, kind))
     if not files:
-        raise FileNotFoundError(f"input.path: no .json, .jsonl (also {', '.join(_COMPRESSED)}) or .parquet files "
-                                f"under {root}")
+        raise ConfigError(f"{path_key}: no .json, .jsonl (also {', '.join(_COMPRESSED)}) or .parquet files under {root}")
     return files
 
 

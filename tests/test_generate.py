@@ -236,10 +236,15 @@ def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
 
 
 def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, tmp_path):
+    """Also: a run that failed on a mistyped input path is redone by the corrected command."""
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "rows.jsonl").write_bytes(b'{"instruction": 1}\n{not json\n{"instruction": "x", "output": "no code here."}\n')
     out = tmp_path / "run"
+    # A mistyped input path first: a clear error naming the key, and the corrected command into the same
+    # output folder then runs (nothing was scored yet, so there is nothing for --overwrite to protect).
+    with pytest.raises(ConfigError, match=r"input.path: .*/bda does not exist"):
+        generate(load_config(overrides=tiny_overrides(tiny_model, tmp_path / "bda", out)))
     manifest = generate(load_config(overrides=tiny_overrides(tiny_model, folder, out)))
     assert manifest["counts"]["input"] == 3 == manifest["counts"]["rejected"]
     assert manifest["counts"]["selected"] == manifest["counts"]["snippets"] == manifest["counts"]["candidates"] == 0

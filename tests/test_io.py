@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import InputConfig
+from pipeline.config import ConfigError, InputConfig
 from pipeline.io import OutputDir, read_corpus, row_id
 
 GOOD = {"instruction": "Add numbers.", "response": "```python\nprint(1 + 2)\n```"}
@@ -108,6 +108,10 @@ def test_saved_hf_dataset(ray_local, tmp_path):
     rows = rows_of(read_corpus(InputConfig(path=str(tmp_path / "hf"))))
     assert [r["reason"] for r in rows] == [None, "not a string: response"]
     assert rows[0]["source"] == "hf:train"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([GOOD])}).save_to_disk(tmp_path / "hf_dict")
+    with pytest.raises(ConfigError, match=r"input.split: 'train' is not a split of .*hf_dict \(it has \['test'\]\)"):
+        read_corpus(InputConfig(path=str(tmp_path / "hf_dict")))
+    assert rows_of(read_corpus(InputConfig(path=str(tmp_path / "hf_dict"), split="test")))[0]["source"] == "hf_dict:test"
 
 
 def test_embedded_corpus_ids_are_stable(ray_local):
@@ -118,7 +122,7 @@ def test_embedded_corpus_ids_are_stable(ray_local):
 
 
 def test_missing_input_is_a_clear_error(ray_local, tmp_path):
-    with pytest.raises(FileNotFoundError, match="input.path"):
+    with pytest.raises(ConfigError, match="input.path"):
         read_corpus(InputConfig(path=str(tmp_path / "nope.jsonl")))
 
 

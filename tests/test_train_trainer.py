@@ -133,14 +133,17 @@ def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_m
 
 def test_an_output_folder_resumes_only_its_own_config(tmp_path):
     """Ray Train restores the latest checkpoint by run name: a different config in the same folder would
-    get the old run (or its finished model) back, so it is refused; --overwrite starts afresh."""
+    get the old run (or its finished model) back, so it is refused; --overwrite starts afresh. A run that
+    never reached training leaves nothing to protect."""
     from pipeline.config import ConfigError, TrainConfig, load_config
     from pipeline.io import OutputDir
     from pipeline.train.trainer import RUN_NAME, claim_output
 
     out = OutputDir(str(tmp_path))
+    typo = load_config(CPU_CONFIG, {"data.original": "/no/such/corpus.jsonl"}, schema=TrainConfig)
+    claim_output(out, typo, overwrite=False)  # that run fails reading its data, before any training
     cfg = load_config(CPU_CONFIG, schema=TrainConfig)
-    claim_output(out, cfg, overwrite=False)
+    claim_output(out, cfg, overwrite=False)  # so the corrected command takes the folder
     (tmp_path / RUN_NAME / "step_000005").mkdir(parents=True)
     claim_output(out, load_config(CPU_CONFIG, {"compute.num_workers": 1},
                                   schema=TrainConfig), overwrite=False)  # cluster shape: same run, resumable

@@ -119,12 +119,13 @@ def ingest_config() -> DataConfig:
 
 def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     """Resume only a run of the same config: Ray Train restores the latest checkpoint by run name, and a
-    finished run would otherwise hand back its old model for a new config. `overwrite` starts afresh."""
+    finished run would otherwise hand back its old model for a new config. `overwrite` starts afresh.
+    A folder whose run never reached training (say a mistyped data path failed it) is simply taken."""
     keys = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "compute", "checkpoint")}
     fingerprint = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
     previous = out.read_json("train_config.json")
     if previous is not None and (overwrite or previous["fingerprint"] != fingerprint):
-        if not overwrite:
+        if not overwrite and (out.exists(RUN_NAME) or out.exists("model")):
             raise ConfigError(f"{out.uri} holds a training run of another config (data, model, lora or optim "
                               f"changed); use a new --output, or --overwrite to start it afresh")
         for name in (RUN_NAME, "model", "manifest.json", "report.md", "loss.png"):
@@ -148,7 +149,7 @@ def source_input(cfg: TrainConfig, name: str) -> InputConfig:
 def prepare_source(cfg: TrainConfig, name: str, model_path: str,
                    prompt_format: str) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """Read -> tokenize -> pack, in Ray Data, materialized once and reused by every pass over it."""
-    tokenized = read_corpus(source_input(cfg, name)).map_batches(
+    tokenized = read_corpus(source_input(cfg, name), path_key=f"data.{name}").map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=256,
         fn_kwargs={"model_path": model_path, "prompt_format": prompt_format, "max_length": cfg.data.max_length,
                    "trust_remote_code": cfg.model.trust_remote_code}).materialize()
