@@ -190,7 +190,11 @@ def _read_hf(name: str, cfg: InputConfig) -> ray.data.Dataset:
                 raise ConfigError(f"input.split: {cfg.split!r} is not a split of {name} (it has {sorted(hf)})")
             hf = hf[cfg.split]
     else:
-        hf = datasets.load_dataset(name, split=cfg.split)
+        try:
+            hf = datasets.load_dataset(name, split=cfg.split)
+        except Exception as err:  # most often a mistyped local path, taken for a hub name: say both
+            raise ConfigError(f"input.path: {name!r} is no local file or folder, and as a hub dataset: "
+                              f"{type(err).__name__}: {err}") from err
     if cfg.limit is not None:
         hf = hf.select(range(min(cfg.limit, len(hf))))
     hf = hf.add_column("__index", list(range(len(hf))))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -124,6 +127,15 @@ def test_embedded_corpus_ids_are_stable(ray_local):
 def test_missing_input_is_a_clear_error(ray_local, tmp_path):
     with pytest.raises(ConfigError, match="input.path"):
         read_corpus(InputConfig(path=str(tmp_path / "nope.jsonl")))
+
+
+def test_a_name_that_is_neither_a_path_nor_a_hub_dataset_is_a_clear_error():
+    # Offline (as here and in CI), the hub answers at once instead of after its retries.
+    code = ("from pipeline.config import InputConfig; from pipeline.io import read_corpus; "
+            "read_corpus(InputConfig(path='mydata'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "ConfigError: input.path: 'mydata' is no local file or folder, and as a hub dataset:" in run.stderr
 
 
 def test_output_dir_deletes_files_cut_short(tmp_path):
