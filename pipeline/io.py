@@ -48,7 +48,7 @@ def read_corpus(cfg: InputConfig, path_key: str = "input.path") -> ray.data.Data
     path = str(EMBEDDED_CORPUS_PATH) if cfg.path == EMBEDDED_CORPUS else cfg.path
     fmt = cfg.format
     if fmt == "hf" or (fmt == "auto" and _is_hf_dataset(path)):
-        return _read_hf(path, cfg)
+        return _read_hf(path, cfg, path_key)
     fs, root = pafs.FileSystem.from_uri(as_uri(path))
     files = _list_files(fs, root, fmt, path_key)
     tasks = [
@@ -180,20 +180,21 @@ def _first_surrogate(text: str) -> int | None:
     return None
 
 
-def _read_hf(name: str, cfg: InputConfig) -> ray.data.Dataset:
+def _read_hf(name: str, cfg: InputConfig, path_key: str) -> ray.data.Dataset:
     import datasets
 
     if Path(name).is_dir():
         hf = datasets.load_from_disk(name)
         if isinstance(hf, datasets.DatasetDict):
             if cfg.split not in hf:
-                raise ConfigError(f"input.split: {cfg.split!r} is not a split of {name} (it has {sorted(hf)})")
+                raise ConfigError(f"{path_key}: {name} has no {cfg.split!r} split (it has {sorted(hf)}; "
+                                  f"input.split chooses one)")
             hf = hf[cfg.split]
     else:
         try:
             hf = datasets.load_dataset(name, split=cfg.split)
         except Exception as err:  # most often a mistyped local path, taken for a hub name: say both
-            raise ConfigError(f"input.path: {name!r} is no local file or folder, and as a hub dataset: "
+            raise ConfigError(f"{path_key}: {name!r} is no local file or folder, and as a hub dataset: "
                               f"{type(err).__name__}: {err}") from err
     if cfg.limit is not None:
         hf = hf.select(range(min(cfg.limit, len(hf))))

@@ -112,7 +112,7 @@ def test_saved_hf_dataset(ray_local, tmp_path):
     assert [r["reason"] for r in rows] == [None, "not a string: response"]
     assert rows[0]["source"] == "hf:train"
     datasets.DatasetDict({"test": datasets.Dataset.from_list([GOOD])}).save_to_disk(tmp_path / "hf_dict")
-    with pytest.raises(ConfigError, match=r"input.split: 'train' is not a split of .*hf_dict \(it has \['test'\]\)"):
+    with pytest.raises(ConfigError, match=r"input.path: .*hf_dict has no 'train' split \(it has \['test'\]; input.split"):
         read_corpus(InputConfig(path=str(tmp_path / "hf_dict")))
     assert rows_of(read_corpus(InputConfig(path=str(tmp_path / "hf_dict"), split="test")))[0]["source"] == "hf_dict:test"
 
