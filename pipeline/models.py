@@ -12,10 +12,11 @@ import fcntl
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
-from pipeline.config import EMBEDDED_MODEL
+from pipeline.config import EMBEDDED_MODEL, ConfigError
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -25,7 +26,14 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(path: str) -> str:
-    return str(embedded_model_dir()) if path == EMBEDDED_MODEL else path
+    """The folder or hub id to load. Checked where the model is loaded (a cluster's nodes may hold local
+    paths that its driver does not): a local path that is missing would otherwise reach the hub client,
+    which calls it an invalid repo id."""
+    if path == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise ConfigError(f"model.path: {path} does not exist on {socket.gethostname()}")
+    return path
 
 
 def embedded_model_dir() -> Path:
