@@ -31,8 +31,10 @@ def resolve_model_path(path: str) -> str:
     which calls it an invalid repo id."""
     if path == EMBEDDED_MODEL:
         return str(embedded_model_dir())
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
-        raise ConfigError(f"model.path: {path} does not exist on {socket.gethostname()}")
+    if path.startswith(("/", "./", "../", "~")):
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"model.path: {path} does not exist on {socket.gethostname()}")
+        return str(Path(path).expanduser())  # the loaders do not expand `~` themselves
     return path
 
 

@@ -8,10 +8,14 @@ from pipeline.config import ConfigError
 from pipeline.models import embedded_model_dir, resolve_model_path
 
 
-def test_embedded_local_and_hub_paths(tmp_path):
+def test_embedded_local_and_hub_paths(tmp_path, monkeypatch):
     assert resolve_model_path("embedded") == str(embedded_model_dir())
     assert (embedded_model_dir() / "model.safetensors").exists()
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    home = tmp_path / "home"
+    (home / "models" / "m").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    assert resolve_model_path("~/models/m") == str(home / "models" / "m")
     assert resolve_model_path("deepseek-ai/deepseek-coder-6.7b-instruct") == "deepseek-ai/deepseek-coder-6.7b-instruct"
 
 
