@@ -34,7 +34,7 @@ def resolve_model_path(path: str) -> str:
     if path.startswith(("/", "./", "../", "~")):
         if not Path(path).expanduser().exists():
             raise ConfigError(f"model.path: {path} does not exist on {socket.gethostname()}")
-        return str(Path(path).expanduser())  # the loaders do not expand `~` themselves
+        return str(Path(path).expanduser()) if path.startswith("~") else path  # loaders do not expand `~`
     return path
 
 

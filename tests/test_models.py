@@ -12,6 +12,8 @@ def test_embedded_local_and_hub_paths(tmp_path, monkeypatch):
     assert resolve_model_path("embedded") == str(embedded_model_dir())
     assert (embedded_model_dir() / "model.safetensors").exists()
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("./") == "./"  # a relative path stays as given
     home = tmp_path / "home"
     (home / "models" / "m").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
