@@ -72,8 +72,6 @@ def test_windows_encodings_and_blank_lines(ray_local, tmp_path):
 
 def test_compressed_json_and_jsonl(ray_local, tmp_path):
     """`.jsonl.gz` (how corpora are often shipped), `.json.bz2`, `.jsonl.zst` are read like the plain files."""
-    import pyarrow as pa
-
     folder = tmp_path / "zipped"
     folder.mkdir()
     for name, text in (("a.jsonl.gz", json.dumps(GOOD) + "\n" + json.dumps(GOOD)), ("b.json.bz2", json.dumps([GOOD])),

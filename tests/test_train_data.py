@@ -69,10 +69,10 @@ def test_special_token_strings_in_a_pair_are_trained_as_text(tiny_model, fmt):
     instruction, response = "Split on <|endoftext|>.", 'docs = text.split("<|endoftext|>")\nend = "<|im_end|>"'
     out = tokenize_batch(_rows([{"instruction": instruction, "response": response}]), tiny_model, fmt, 512)
     ids = out["input_ids"][0].as_py()
-    specials = [i for i in ids if i in set(tok.all_special_ids)]
-    template_specials = [i for i in tokenize_batch(_rows([{"instruction": "a", "response": "b"}]), tiny_model, fmt,
-                                                     512)["input_ids"][0].as_py() if i in set(tok.all_special_ids)]
-    assert specials == template_specials and specials[-1] == tok.eos_token_id
+    plain = tokenize_batch(_rows([{"instruction": "a", "response": "b"}]), tiny_model, fmt, 512)["input_ids"][0].as_py()
+    special_ids = set(tok.all_special_ids)
+    specials = [i for i in ids if i in special_ids]
+    assert specials == [i for i in plain if i in special_ids] and specials[-1] == tok.eos_token_id
     assert instruction in tok.decode(ids) and response in tok.decode(ids)
 
 
