@@ -84,6 +84,10 @@ class PromptBuilder:
         code = fenced(code, lang)
         return self._encode([self._text(template.format(instruction=i, code=code), "") for i in instructions])
 
+    def instruct(self, instruction: str) -> list[int]:
+        """Prompt for answering `instruction` (training's prompt half: the model learns to write the reply)."""
+        return self._render(instruction, answer_start="")
+
     def solve(self, problem: str, answer_start: str = EVAL_ANSWER_START) -> list[int]:
         """Evaluation prompt: the model answers `problem`, its reply starting with `answer_start`."""
         return self._render(EVAL_ASK.format(problem=problem.strip()), answer_start=answer_start)

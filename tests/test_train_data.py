@@ -49,7 +49,7 @@ def test_only_response_tokens_are_trained_and_the_prompt_is_generations(tiny_mod
     instruction, response = "Write a python function that adds two numbers.", "def add(a, b):\n    return a + b"
     out = tokenize_batch(_rows([{"instruction": instruction, "response": response}]), tiny_model, fmt, 512)
     ids, labels = out["input_ids"][0].as_py(), out["labels"][0].as_py()
-    prompt = PromptBuilder(tok, fmt)._render(instruction, answer_start="")  # what generate prompts with
+    prompt = PromptBuilder(tok, fmt).instruct(instruction)  # what generate prompts with
     assert out["status"][0].as_py() == "ok" and len(ids) == len(labels)
     assert ids[:len(prompt)] == prompt
     assert labels[:len(prompt)] == [IGNORE] * len(prompt)  # every prompt token is masked

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipeline.prompts import SYSTEM, encode_ordinary
+from pipeline.prompts import PromptBuilder, encode_ordinary
 
 IGNORE = -100  # label of a token that is not trained (the loss functions' ignore_index)
 KEPT = ("ok", "truncated")  # statuses of examples that are trained
@@ -47,17 +47,15 @@ def mix_schedule(kind: str, generated_epochs: int, original_epochs: int) -> list
 
 
 def resolve_prompt_format(tokenizer: Any, prompt_format: str) -> str:
-    if prompt_format == "auto":  # same rule as pipeline.prompts.PromptBuilder
-        return "chat" if getattr(tokenizer, "chat_template", None) else "magicoder"
-    return prompt_format
+    return PromptBuilder(tokenizer, prompt_format).prompt_format  # "auto" -> what generation uses
 
 
 def encode_example(tokenizer: Any, prompt_format: str, instruction: str, response: str) -> tuple[list[int], list[int]]:
     """Token ids of the prompt (as generation renders it) and of the response (with its end token).
     The instruction and response are ordinary text: a special-token string in them is spelled out."""
-    if prompt_format == "magicoder":
-        text = f"{SYSTEM}\n\n@@ Instruction\n{instruction}\n\n@@ Response\n"
-        prompt = encode_ordinary(tokenizer, [text], [[text]], add_special_tokens=True)[0]
+    builder = PromptBuilder(tokenizer, prompt_format)
+    prompt = builder.instruct(instruction)
+    if builder.prompt_format == "magicoder":
         return prompt, encode_ordinary(tokenizer, [response], [[response]])[0] + [tokenizer.eos_token_id]
     user = [{"role": "user", "content": instruction}]
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
@@ -65,7 +63,6 @@ def encode_example(tokenizer: Any, prompt_format: str, instruction: str, respons
     # The template's own end-of-turn text is part of what the model must learn to write; a template
     # that does not extend the prompt (rare) gets the response plus the EOS token instead.
     tail = full[len(prompt_text):] if full.startswith(prompt_text) else None
-    prompt = encode_ordinary(tokenizer, [prompt_text], [[instruction]])[0]
     if tail is None:
         answer = encode_ordinary(tokenizer, [response], [[response]])[0] + [tokenizer.eos_token_id]
     else:
