@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(gen)
     gen.add_argument("--limit", type=int, metavar="N", help="read only the first N input rows")
     gen.add_argument("--engine", choices=["vllm", "transformers"])
-    gen.add_argument("--model", metavar="PATH_OR_ID", help="HF folder or hub id; 'embedded' = SmolLM2-135M-Instruct")
+    gen.add_argument("--model", metavar="PATH_OR_ID", help="HF folder, hub id or s3:// folder; 'embedded' = SmolLM2-135M-Instruct")
     gen.add_argument("--num-candidates", type=int, metavar="K", help="candidate instructions per snippet")
     gen.add_argument("--max-new-tokens", type=int, metavar="N", help="max tokens per candidate instruction")
     gen.set_defaults(run=run_generate, schema=GenerateConfig, flags=GENERATE_FLAGS)
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the final model is a Hugging Face folder in OUTPUT/model.")
     tr.add_argument("--generated", metavar="DIR", help="selected/ folder written by `generate`")
     tr.add_argument("--original", metavar="PATH_OR_DATASET", help="original corpus; 'embedded' = the bundled one")
-    tr.add_argument("--model", metavar="PATH_OR_ID", help="base model; 'embedded' = SmolLM2-135M-Instruct")
+    tr.add_argument("--model", metavar="PATH_OR_ID", help="base model (HF folder, hub id or s3:// folder); 'embedded' = SmolLM2-135M-Instruct")
     tr.add_argument("--output", metavar="DIR", help="output folder (local or s3://...): checkpoints, model, report")
     tr.add_argument("--num-workers", type=int, metavar="N", help="Ray Train workers (one per GPU on GPUs)")
     tr.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None, help="train on GPUs")
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="greedy pass@1 of a model on HumanEval or MBPP (sandboxed, Ray Data)",
                         description="Generate one greedy completion per problem, run each program in a sandbox, "
                                     "write samples.jsonl (EvalPlus format), results.jsonl and summary.json.")
-    ev.add_argument("--model", metavar="PATH_OR_ID", help="HF folder or hub id; 'embedded' = SmolLM2-135M-Instruct")
+    ev.add_argument("--model", metavar="PATH_OR_ID", help="HF folder, hub id or s3:// folder; 'embedded' = SmolLM2-135M-Instruct")
     ev.add_argument("--benchmark", choices=["humaneval", "mbpp"])
     ev.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N problems")
     ev.add_argument("--plus-path", metavar="PATH", help="EvalPlus' HumanEvalPlus/MbppPlus .jsonl[.gz]: its problems, "

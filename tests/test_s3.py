@@ -1,4 +1,5 @@
-"""`generate` reading from and writing to `s3://`, against a real S3 API on loopback (moto's server).
+"""`generate` reading its corpus and model from `s3://` and writing there, against a real S3 API on loopback
+(moto's server).
 
 Plain `s3://bucket/prefix` URIs go through pyarrow filesystems in the driver and in Ray workers alike;
 AWS_ENDPOINT_URL_S3 points them (and boto3) at the local server, as a user's env would point at MinIO.
@@ -57,7 +58,7 @@ class WriteGate:
 
 
 @pytest.fixture(scope="module")
-def s3_env():
+def s3_env(tmp_path_factory):
     """moto's S3 server on loopback behind a `WriteGate`; the env that points a run at it, a boto3 client."""
     boto3 = pytest.importorskip("boto3")
     from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
@@ -71,7 +72,8 @@ def s3_env():
     werkzeug_log.setLevel(logging.WARNING)  # one INFO line per request buried a failure's own output
     host, port = server.server_address[:2]
     env = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "INVERSE_INSTRUCT_HOME": str(tmp_path_factory.mktemp("home"))}  # where the model is fetched to
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
                           aws_access_key_id="test", aws_secret_access_key="test")
     client.create_bucket(Bucket="corpus")
@@ -90,10 +92,19 @@ def s3_corpus(s3_env, corpus) -> str:
     return "s3://corpus/evol"
 
 
-def _cli(tiny_model: str, source: str, output: str) -> list[str]:
+@pytest.fixture(scope="module")
+def s3_model(s3_env, tiny_model) -> str:
+    """The tiny model's folder in the bucket, as `train` writes its output model there."""
+    _, client, _ = s3_env
+    for file in Path(tiny_model).iterdir():
+        client.put_object(Bucket="corpus", Key=f"models/tiny/{file.name}", Body=file.read_bytes())
+    return "s3://corpus/models/tiny"
+
+
+def _cli(model: str, source: str, output: str) -> list[str]:
     # One snippet per batch: each is written as its own file as soon as it is scored (the unit of resume).
     return [sys.executable, "-m", "pipeline.cli", "generate", "--input", source, "--output", output,
-            "--engine", "transformers", "--model", tiny_model, "--num-candidates", "2", "--max-new-tokens", "6",
+            "--engine", "transformers", "--model", model, "--num-candidates", "2", "--max-new-tokens", "6",
             "--set", "model.max_model_len=1024", "--set", "extract.max_code_chars=3000",
             "--set", "compute.batch_size=1"]
 
@@ -119,16 +130,16 @@ def _table(env: dict[str, str], folder: str, sort: list[str]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def first_run(s3_env, s3_corpus, tiny_model) -> dict:
+def first_run(s3_env, s3_corpus, s3_model) -> dict:
     """An uninterrupted run from s3:// to s3://; its manifest."""
     env, client, _ = s3_env
-    done = subprocess.run(_cli(tiny_model, s3_corpus, "s3://corpus/runs/one"), env=_run_env(env),
+    done = subprocess.run(_cli(s3_model, s3_corpus, "s3://corpus/runs/one"), env=_run_env(env),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return _manifest(client, "runs/one")
 
 
-def test_generate_from_and_to_s3(s3_env, s3_corpus, tiny_model, first_run):
+def test_generate_from_and_to_s3(s3_env, s3_corpus, s3_model, first_run):
     env, client, _ = s3_env
     manifest = first_run
     assert manifest["counts"]["input"] == 13 and manifest["all_rows_accounted_for"]
@@ -138,15 +149,17 @@ def test_generate_from_and_to_s3(s3_env, s3_corpus, tiny_model, first_run):
         assert any(k.startswith(f"runs/one/{folder}/") and k.endswith(".parquet") for k in keys), folder
 
     # Same command again: resumed from the markers in S3, nothing redone.
-    again = subprocess.run(_cli(tiny_model, s3_corpus, "s3://corpus/runs/one"), env=_run_env(env),
+    again = subprocess.run(_cli(s3_model, s3_corpus, "s3://corpus/runs/one"), env=_run_env(env),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _manifest(client, "runs/one")["stages"] == manifest["stages"]
+    # The model was fetched from S3 once, into the node's cache, and the second run reused it.
+    assert len(list(Path(env["INVERSE_INSTRUCT_HOME"], "models", "remote").glob("tiny-*"))) == 1
 
 
-def test_resume_on_s3_after_the_driver_is_killed(s3_env, s3_corpus, tiny_model, first_run, tmp_path):
+def test_resume_on_s3_after_the_driver_is_killed(s3_env, s3_corpus, s3_model, first_run, tmp_path):
     env, client, gate = s3_env
-    args = _cli(tiny_model, s3_corpus, "s3://corpus/runs/cut")
+    args = _cli(s3_model, s3_corpus, "s3://corpus/runs/cut")
     snippets = first_run["counts"]["snippets"]
     assert snippets >= 3
 
@@ -183,3 +196,15 @@ def test_resume_on_s3_after_the_driver_is_killed(s3_env, s3_corpus, tiny_model, 
     assert manifest["all_rows_accounted_for"] and manifest["counts"] == first_run["counts"]
     for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
         assert _table(env, f"corpus/runs/cut/{folder}", keys) == _table(env, f"corpus/runs/one/{folder}", keys), folder
+
+
+def test_evaluate_a_model_in_s3(s3_env, s3_model):
+    """What `loop --output s3://…` does after training: evaluate the model that `train` wrote to S3."""
+    env, client, _ = s3_env
+    args = [sys.executable, "-m", "pipeline.cli", "evaluate", "--model", s3_model, "--benchmark", "humaneval",
+            "--limit", "2", "--engine", "transformers", "--output", "s3://corpus/eval/he",
+            "--set", "generation.max_new_tokens=8"]
+    done = subprocess.run(args, env=_run_env(env), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(client.get_object(Bucket="corpus", Key="eval/he/summary.json")["Body"].read())
+    assert summary["counts"]["problems"] == 2 and summary["config"]["model"]["path"] == s3_model

@@ -43,7 +43,8 @@ class ExtractConfig:
 @dataclass(config=_STRICT)
 class ModelConfig:
     path: str = EMBEDDED_MODEL
-    """Local Hugging Face folder, hub id, or `embedded` (converted once into the model cache)."""
+    """Local Hugging Face folder, hub id, a folder in `s3://` (fetched once per node into the model cache), or
+    `embedded` (converted once into the model cache)."""
     engine: Literal["vllm", "transformers"] = "vllm"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`auto` = float32 on CPU, bfloat16 on GPU."""
