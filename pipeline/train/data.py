@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, encode_ordinary
 
 IGNORE = -100  # label of a token that is not trained (the loss functions' ignore_index)
@@ -74,12 +75,12 @@ _TOKENIZERS: dict[tuple[str, bool], Any] = {}
 
 
 def _tokenizer(path: str, trust_remote_code: bool) -> Any:
-    # One load per Ray worker process, reused by every batch it maps.
+    # One load per Ray worker process, reused by every batch it maps; `path` is resolved on this node.
     key = (path, trust_remote_code)
     if key not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
-        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     return _TOKENIZERS[key]
 
 

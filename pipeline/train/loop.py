@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from pipeline.models import resolve_model_path
 from pipeline.train.data import Collate
 
 # A logger, not print: Ray Train V2 turns a worker's print into a log record AND, where Ray wraps stdout,
@@ -86,6 +87,7 @@ class TrainState:
 
 def train_loop(config: dict[str, Any]) -> None:
     c = LoopConfig(**config)
+    c.model_path = resolve_model_path(c.model_path)  # on this worker's node (embedded, s3://: its own cache)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -47,6 +47,8 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     out = OutputDir(cfg.output)
     claim_output(out, cfg, overwrite)
     start_ray(cfg.compute.ray_address, verbose)
+    # Resolved here for the driver's own use (and a missing path's error); the workers get `model.path` as
+    # given and resolve it on their nodes, where `embedded` and `s3://` have their own node's cache.
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     prompt_format = resolve_prompt_format(tokenizer, cfg.model.prompt_format)
@@ -57,7 +59,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     counts: dict[str, dict[str, Any]] = {}
     with ordered_data():  # the datasets keep the setting; later jobs in this process do not inherit it
         for name in sorted({s for p in phases for s in p}):
-            data[name], counts[name] = prepare_source(cfg, name, model_path, prompt_format)
+            data[name], counts[name] = prepare_source(cfg, name, cfg.model.path, prompt_format)
             log.info("train: %s: %s", name, json.dumps(counts[name], sort_keys=True))
         world, micro = cfg.compute.num_workers, cfg.optim.micro_batch_size
         accum = cfg.optim.global_batch_size // (micro * world)
@@ -67,7 +69,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     bf16 = cfg.compute.dtype == "bfloat16" or (cfg.compute.dtype == "auto" and use_gpu)
     save_dtype = cfg.checkpoint.save_dtype if cfg.checkpoint.save_dtype != "auto" else ("bfloat16" if use_gpu else "float32")
     loop = LoopConfig(
-        model_path=model_path, phases=[list(p) for p in phases], planned_steps=planned, accum=accum,
+        model_path=cfg.model.path, phases=[list(p) for p in phases], planned_steps=planned, accum=accum,
         micro_batch_size=micro, pad_id=_pad_id(tokenizer), packing=cfg.data.packing, lr=cfg.optim.lr,
         warmup_steps=cfg.optim.warmup_steps, lr_schedule=cfg.optim.lr_schedule, optimizer=cfg.optim.name,
         weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm, max_steps=cfg.optim.max_steps,
