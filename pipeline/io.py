@@ -205,12 +205,19 @@ def _read_hf(name: str, cfg: InputConfig, path_key: str) -> ray.data.Dataset:
 
 
 def _is_hf_dataset(path: str) -> bool:
-    """A folder written by `datasets.save_to_disk`, or a name that can only mean a hub dataset."""
+    """A folder written by `datasets.save_to_disk`, or a name that can only mean a hub dataset (a missing
+    `data.jsonl` is a local file that is not there)."""
     local = Path(path)
     if local.is_dir():
         return any((local / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json"))
-    return ("://" not in path and not local.exists() and not local.suffix
-            and path.count("/") <= 1 and not path.startswith((".", "/", "~")))
+    return "://" not in path and not local.exists() and not looks_local(path) and _format_of(path) is None
+
+
+def looks_local(path: str) -> bool:
+    """A path that cannot be a hub id (`name` or `owner/name`, never starting with `.`): one that starts
+    with `/`, `.` or `~`, or has more than one `/`. Either kind of name is only taken for a hub id if no
+    local file or folder has it."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
 
 
 def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list[tuple[str, str]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import EMBEDDED_MODEL, ConfigError
+from pipeline.io import looks_local
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def resolve_model_path(path: str) -> str:
         return str(embedded_model_dir())
     if "://" in path:
         return str(fetch_remote_model(path))
-    if path.startswith(("/", "./", "../", "~")):
+    if looks_local(path):
         if not Path(path).expanduser().exists():
             raise ConfigError(f"model.path: {path} does not exist on {socket.gethostname()}")
         return str(Path(path).expanduser()) if path.startswith("~") else path  # loaders do not expand `~`

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, InputConfig
-from pipeline.io import OutputDir, read_corpus, row_id
+from pipeline.io import OutputDir, _is_hf_dataset, read_corpus, row_id
 
 GOOD = {"instruction": "Add numbers.", "response": "```python\nprint(1 + 2)\n```"}
 
@@ -134,6 +134,14 @@ def test_a_name_that_is_neither_a_path_nor_a_hub_dataset_is_a_clear_error():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert "ConfigError: input.path: 'mydata' is no local file or folder, and as a hub dataset:" in run.stderr
+
+
+@pytest.mark.parametrize("path, hub", [("mydata", True), ("org/data-v1.5", True), ("data.jsonl", False),
+                                       ("corpus/part.json.gz", False), ("./mydata", False), ("runs/one/selected", False),
+                                       ("~/mydata", False), ("s3://bucket/data", False)])
+def test_which_missing_names_are_taken_for_hub_datasets(path, hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # none of them exists here
+    assert _is_hf_dataset(path) is hub
 
 
 def test_output_dir_deletes_files_cut_short(tmp_path):

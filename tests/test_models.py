@@ -25,7 +25,7 @@ def test_embedded_local_and_hub_paths(tmp_path, monkeypatch):
     assert resolve_model_path("deepseek-ai/deepseek-coder-6.7b-instruct") == "deepseek-ai/deepseek-coder-6.7b-instruct"
 
 
-@pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "~/no-such-model-here"])
+@pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "~/no-such-model-here", "runs/one/model"])
 def test_a_missing_local_path_is_named_not_taken_for_a_hub_id(path):
     with pytest.raises(ConfigError, match=f"model.path: {path} does not exist on "):
         resolve_model_path(path)
