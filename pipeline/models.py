@@ -26,6 +26,7 @@ from pipeline.config import EMBEDDED_MODEL, ConfigError
 from pipeline.io import looks_local
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 log = logging.getLogger(__name__)
 
 
@@ -33,14 +34,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("INVERSE_INSTRUCT_HOME", Path.home() / ".cache" / "inverse_instruct"))
 
 
-def resolve_model_path(path: str) -> str:
+def resolve_model_path(path: str, weights: bool = True) -> str:
     """The folder or hub id to load. Checked where the model is loaded (a cluster's nodes may hold local
     paths that its driver does not): a local path that is missing would otherwise reach the hub client,
-    which calls it an invalid repo id."""
+    which calls it an invalid repo id. `weights=False`: a caller that only needs the tokenizer and config
+    (a driver) is spared the download of a remote model's weights."""
     if path == EMBEDDED_MODEL:
         return str(embedded_model_dir())
     if "://" in path:
-        return str(fetch_remote_model(path))
+        return str(fetch_remote_model(path, weights))
     if looks_local(path):
         if not Path(path).expanduser().exists():
             raise ConfigError(f"model.path: {path} does not exist on {socket.gethostname()}")
@@ -52,10 +54,11 @@ def embedded_model_dir() -> Path:
     return _build_once(cache_dir() / "models" / "SmolLM2-135M-Instruct", _convert_gguf)
 
 
-def fetch_remote_model(uri: str) -> Path:
-    """The model folder at `uri`, copied into this node's cache. The copy is named by the folder's listing
-    (file names, sizes, modification times), so a folder written again (a new `train` run into the same
-    output) is fetched again, and an unchanged one is reused by every actor and every later run."""
+def fetch_remote_model(uri: str, weights: bool = True) -> Path:
+    """The model folder at `uri`, copied into this node's cache (without its weight files if not
+    `weights`). The copy is named by the folder's listing (file names, sizes, modification times), so a
+    folder written again (a new `train` run into the same output) is fetched again, and an unchanged one is
+    reused by every actor and every later run."""
     import pyarrow.fs as pafs
 
     try:
@@ -69,12 +72,19 @@ def fetch_remote_model(uri: str) -> Path:
     if not any(name == "config.json" for name, _, _ in files):
         raise ConfigError(f"model.path: {uri} has no config.json at its top (not a Hugging Face model folder)")
     stamp = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / "remote" / f"{Path(root).name}-{stamp}"
+    target = cache_dir() / "models" / "remote" / f"{Path(root).name}-{stamp}{'' if weights else '-no-weights'}"
+    wanted = [f for f in files if weights or not f[0].endswith(WEIGHT_SUFFIXES)]
 
     def copy(tmp: Path) -> None:
-        log.info("fetching model %s (%.1f GB) into %s", uri, sum(size for _, size, _ in files) / 1e9, target)
-        pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
-                        use_threads=True)
+        log.info("fetching model %s (%.2f GB) into %s", uri, sum(size for _, size, _ in wanted) / 1e9, target)
+        if weights:  # the whole folder, its files in parallel
+            pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
+                            use_threads=True)
+            return
+        for name, _, _ in wanted:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(f"{root.rstrip('/')}/{name}", str(tmp / name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
 
     return _build_once(target, copy)
 

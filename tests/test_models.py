@@ -34,7 +34,7 @@ def test_a_missing_local_path_is_named_not_taken_for_a_hub_id(path):
 def test_a_remote_model_folder_is_fetched_once_per_version(tiny_model, tmp_path, monkeypatch):
     """A model folder behind a URI (here file://, the same pyarrow path as s3://, which tests/test_s3.py
     runs end to end) is copied into the node's cache; a rewritten folder is fetched again."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     monkeypatch.setenv("INVERSE_INSTRUCT_HOME", str(tmp_path / "cache"))
     remote = tmp_path / "bucket" / "run" / "model"
@@ -51,6 +51,11 @@ def test_a_remote_model_folder_is_fetched_once_per_version(tiny_model, tmp_path,
                                                                                     '"num_hidden_layers": 1'))
     second = resolve_model_path(f"file://{remote}")
     assert second != first and AutoConfig.from_pretrained(second).num_hidden_layers == 1
+
+    # A driver that only needs the tokenizer does not fetch the weights.
+    light = Path(resolve_model_path(f"file://{remote}", weights=False))
+    assert light.name.endswith("-no-weights") and not list(light.glob("*.safetensors"))
+    assert AutoTokenizer.from_pretrained(light)("def f(): pass")["input_ids"]
     assert not list((tmp_path / "cache" / "models" / "remote").glob(".tmp-*"))  # no half copies left
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -108,14 +109,21 @@ def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.config import TrainConfig, load_config
+    from pipeline.models import cache_dir
     from pipeline.train.data import KEPT
     from pipeline.train.trainer import train
 
-    cfg = load_config(CPU_CONFIG, {"model.path": tiny_model, "data.generated": str(generated), "output": str(tmp_path),
-                                   "lora.enabled": False, "data.packing": False, "data.schedule": "mixed",
+    # The base model through a URI, as from s3://: the driver fetches its tokenizer, each worker all of it.
+    cfg = load_config(CPU_CONFIG, {"model.path": f"file://{tiny_model}", "data.generated": str(generated),
+                                   "output": str(tmp_path), "lora.enabled": False, "data.packing": False,
+                                   "data.schedule": "mixed",
                                    "data.limit": 20, "data.max_length": 128}, schema=TrainConfig)
-    m = train(cfg)
-    assert m["phases"] == ["generated + original", "original"]
+    try:
+        m = train(cfg)
+    finally:  # the copies in this node's model cache (the workers' default cache, as in a user's run)
+        for copy in (cache_dir() / "models" / "remote").glob(f"{Path(tiny_model).name}-*"):
+            shutil.rmtree(copy)
+    assert m["model"] == f"file://{tiny_model}" and m["phases"] == ["generated + original", "original"]
     assert m["steps_per_phase"] == m["planned_steps"] and m["steps"] > 0
     gen = m["data"]["generated"]
     assert gen["rows"] == 41 and gen["dropped"] == sum(n for s, n in gen["by_status"].items() if s not in KEPT) > 0

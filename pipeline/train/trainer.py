@@ -47,9 +47,9 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     out = OutputDir(cfg.output)
     claim_output(out, cfg, overwrite)
     start_ray(cfg.compute.ray_address, verbose)
-    # Resolved here for the driver's own use (and a missing path's error); the workers get `model.path` as
+    # Resolved here for the driver's tokenizer (and a missing path's error); the workers get `model.path` as
     # given and resolve it on their nodes, where `embedded` and `s3://` have their own node's cache.
-    model_path = resolve_model_path(cfg.model.path)
+    model_path = resolve_model_path(cfg.model.path, weights=False)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     prompt_format = resolve_prompt_format(tokenizer, cfg.model.prompt_format)
     phases = plan_phases(cfg)
@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     )
     result = trainer.fit()
     state = _read_state(result.checkpoint)
-    manifest = build_manifest(cfg, model_path, prompt_format, phases, planned, counts, state, out)
+    manifest = build_manifest(cfg, prompt_format, phases, planned, counts, state, out)
     out.write_json("manifest.json", manifest)
     write_report(out, manifest, state["history"])
     return manifest
@@ -189,14 +189,14 @@ def _read_state(checkpoint: Any) -> dict[str, Any]:
         return json.loads((Path(folder) / "state.json").read_text())
 
 
-def build_manifest(cfg: TrainConfig, model_path: str, prompt_format: str, phases: list[tuple[str, ...]],
+def build_manifest(cfg: TrainConfig, prompt_format: str, phases: list[tuple[str, ...]],
                    planned: list[int], counts: dict[str, Any], state: dict[str, Any], out: OutputDir) -> dict[str, Any]:
     history = state["history"]
     seconds = state["seconds"]
     return {
         "config": to_dict(cfg),
         "versions": manifest_lib.versions(),
-        "model": model_path,
+        "model": cfg.model.path,
         "prompt_format": prompt_format,
         "phases": [" + ".join(p) for p in phases],
         "planned_steps": planned,
