@@ -272,8 +272,11 @@ class OutputDir:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri.rstrip("/") if "://" in uri else str(Path(uri).resolve())
-        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
-        self.fs.create_dir(self.root, recursive=True)
+        try:
+            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+            self.fs.create_dir(self.root, recursive=True)
+        except (OSError, ValueError) as e:  # a file of that name, no permission, a bad scheme, no bucket
+            raise ConfigError(f"output: cannot use {uri} as the output folder: {e}") from e
 
     def sub(self, name: str) -> str:
         """URI of a subfolder (what Ray Data readers and writers take)."""

@@ -144,6 +144,13 @@ def test_which_missing_names_are_taken_for_hub_datasets(path, hub, tmp_path, mon
     assert _is_hf_dataset(path) is hub
 
 
+def test_an_output_that_cannot_be_a_folder_is_a_config_error(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for bad in (tmp_path / "a-file", tmp_path / "a-file" / "run"):
+        with pytest.raises(ConfigError, match=f"output: cannot use {bad} as the output folder"):
+            OutputDir(str(bad))
+
+
 def test_output_dir_deletes_files_cut_short(tmp_path):
     out = OutputDir(str(tmp_path / "run"))
     folder = tmp_path / "run" / "part"
