@@ -227,8 +227,11 @@ def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list
     if info.type == pafs.FileType.File:
         candidates = [info]
     else:
+        # Hidden or bookkeeping entries (`.ipynb_checkpoints/`, Spark's `_temporary/`, `_SUCCESS`) are skipped,
+        # files and folders alike.
         candidates = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                      if i.type == pafs.FileType.File and not Path(i.path).name.startswith((".", "_"))]
+                      if i.type == pafs.FileType.File
+                      and not any(part.startswith((".", "_")) for part in Path(_relative(root, i.path)).parts)]
     files = []
     for i in sorted(candidates, key=lambda i: i.path):
         kind = fmt if fmt != "auto" else _format_of(i.path)

@@ -144,6 +144,16 @@ def test_which_missing_names_are_taken_for_hub_datasets(path, hub, tmp_path, mon
     assert _is_hf_dataset(path) is hub
 
 
+def test_hidden_and_bookkeeping_entries_of_a_folder_are_skipped(ray_local, tmp_path):
+    row = '{"instruction": "Add.", "output": "```python\\nx = 1\\n```"}\n'
+    for name in ("data/part-0.jsonl", "data/_SUCCESS.jsonl", "data/.hidden.jsonl", "data/_temporary/0/part-0.jsonl",
+                 "data/.ipynb_checkpoints/part-0.jsonl", "data/sub/part-1.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(row)
+    rows = rows_of(read_corpus(InputConfig(path=str(tmp_path / "data"))))
+    assert sorted(r["source"] for r in rows) == ["part-0.jsonl", "sub/part-1.jsonl"]
+
+
 def test_an_output_that_cannot_be_a_folder_is_a_config_error(tmp_path):
     (tmp_path / "a-file").write_text("x")
     for bad in (tmp_path / "a-file", tmp_path / "a-file" / "run"):
