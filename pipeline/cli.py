@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="fine-tune the base model on generated + original pairs (Ray Train)",
                         description="Run (or resume, in the same --output) a TorchTrainer fine-tuning job; "
                                     "the final model is a Hugging Face folder in OUTPUT/model.")
-    tr.add_argument("--generated", metavar="DIR", help="selected/ folder written by `generate`")
+    tr.add_argument("--generated", metavar="DIR", help="selected/ folder written by `generate` (or its output folder)")
     tr.add_argument("--original", metavar="PATH_OR_DATASET", help="original corpus; 'embedded' = the bundled one")
     tr.add_argument("--model", metavar="PATH_OR_ID", help="base model (HF folder, hub id or s3:// folder); 'embedded' = SmolLM2-135M-Instruct")
     tr.add_argument("--output", metavar="DIR", help="output folder (local or s3://...): checkpoints, model, report")

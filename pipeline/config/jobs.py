@@ -40,7 +40,8 @@ class TrainDataConfig:
     """What `train` reads and in which order (the data mix schedule)."""
 
     generated: str | None = None
-    """`selected/` folder written by `generate` (Parquet with instruction/response). None = none."""
+    """`selected/` folder written by `generate` (Parquet with instruction/response), or that generate output
+    folder itself (its `selected/` is read). None = none."""
     original: str = EMBEDDED_CORPUS
     """The original instruction corpus (any reader input: file, folder, s3://, HF dataset; `embedded`)."""
     schedule: Literal["generated-then-original", "mixed", "original-then-generated"] = "generated-then-original"
