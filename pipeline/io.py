@@ -82,7 +82,7 @@ def _parse_file(task: dict[str, Any], cfg: InputConfig) -> Iterator[dict[str, An
         if isinstance(data, Unreadable):
             records = iter([data])
         else:
-            records = _jsonl_records(data) if task["format"] == "jsonl" else _json_array_records(data)
+            records = _jsonl_records(data) if task["format"] == "jsonl" else _json_array_records(data, cfg)
     for index, record in enumerate(records):
         if limit is not None and index >= limit:
             break
@@ -121,7 +121,7 @@ def _jsonl_records(data: bytes) -> Iterator[Any]:
             yield Unreadable("malformed json", f"line {number}: {err.msg} at column {err.colno}")
 
 
-def _json_array_records(data: bytes) -> Iterator[Any]:
+def _json_array_records(data: bytes, cfg: InputConfig) -> Iterator[Any]:
     text = data.decode("utf-8", "surrogateescape")
     try:
         parsed = json.loads(text)
@@ -132,7 +132,8 @@ def _json_array_records(data: bytes) -> Iterator[Any]:
             return
         yield Unreadable("malformed json", f"{err.msg} at line {err.lineno} column {err.colno}")
         return
-    if isinstance(parsed, dict) and not any(isinstance(v, list) for v in parsed.values()):
+    one_record = isinstance(parsed, dict) and (cfg.instruction_field in parsed or cfg.messages_field in parsed)
+    if one_record or (isinstance(parsed, dict) and not any(isinstance(v, list) for v in parsed.values())):
         parsed = [parsed]
     elif isinstance(parsed, dict):  # {"data": [...]}-style wrapper: take the first list
         parsed = next(v for v in parsed.values() if isinstance(v, list))
@@ -156,6 +157,10 @@ def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, 
         return {**row, "reason": record.reason, "detail": record.detail}
     if not isinstance(record, dict):
         return {**row, "reason": "malformed row", "detail": f"expected an object, got {type(record).__name__}"}
+    if cfg.instruction_field not in record and isinstance(record.get(cfg.messages_field), list):
+        record = _first_exchange(record[cfg.messages_field], cfg)
+        if isinstance(record, Unreadable):
+            return {**row, "reason": record.reason, "detail": record.detail}
     response_field = next((f for f in cfg.response_fields if f in record), None)
     for field, name in ((cfg.instruction_field, "instruction"), (response_field, "response")):
         if field is None or field not in record:
@@ -169,6 +174,21 @@ def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, 
             return {**row, "reason": "non-utf8 text", "detail": f"`{field}` has invalid UTF-8 at char {bad}"}
         row[name] = value
     return row
+
+
+_USER, _ASSISTANT = ("user", "human"), ("assistant", "gpt")
+
+
+def _first_exchange(messages: list[Any], cfg: InputConfig) -> dict[str, Any] | Unreadable:
+    """A chat's first user turn and the assistant turn right after it, as a record with the configured fields."""
+    turns = [(m.get("role", m.get("from")), m.get("content", m.get("value"))) for m in messages if isinstance(m, dict)]
+    first_user = next((i for i, (role, _) in enumerate(turns) if role in _USER), None)
+    where = f"`{cfg.messages_field}`"
+    if first_user is None:
+        return Unreadable("missing field: instruction", f"{where} has no user turn")
+    if first_user + 1 == len(turns) or turns[first_user + 1][0] not in _ASSISTANT:
+        return Unreadable("missing field: response", f"{where} has no assistant turn right after its first user turn")
+    return {cfg.instruction_field: turns[first_user][1], cfg.response_fields[0]: turns[first_user + 1][1]}
 
 
 def _first_surrogate(text: str) -> int | None:

@@ -49,6 +49,33 @@ def test_jsonl_bad_rows_become_rows_with_reasons(ray_local, tmp_path):
     assert rows[0]["id"] == row_id("bad.jsonl", 0)
 
 
+def test_chat_rows_give_their_first_exchange(ray_local, tmp_path):
+    """Chat-format corpora (OpenAI/HF `messages`, ShareGPT `conversations` of {from, value}), mixed with plain rows."""
+    system, user, answer = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add."}, \
+        {"role": "assistant", "content": "```python\nx = 1 + 1\n```"}
+    rows = [{"messages": [system, user, answer, {"role": "user", "content": "More."}, answer]},
+            {"instruction": "Sub.", "output": "x = 1 - 1"},
+            {"messages": [system, user]},
+            {"messages": [answer, user]},
+            {"messages": [system]},
+            {"messages": [user, {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [(r["instruction"], r["response"], r["reason"], r["detail"])
+           for r in rows_of(read_corpus(InputConfig(path=str(tmp_path / "chat.jsonl"))))]
+    assert got == [
+        ("Add.", "```python\nx = 1 + 1\n```", None, None),
+        ("Sub.", "x = 1 - 1", None, None),
+        (None, None, "missing field: response", "`messages` has no assistant turn right after its first user turn"),
+        (None, None, "missing field: response", "`messages` has no assistant turn right after its first user turn"),
+        (None, None, "missing field: instruction", "`messages` has no user turn"),
+        ("Add.", None, "not a string: response", "`response` is list"),  # what was read is kept
+    ]
+    share_gpt = {"conversations": [{"from": "human", "value": "Add."}, {"from": "gpt", "value": "x = 2"}]}
+    (tmp_path / "sharegpt.json").write_text(json.dumps(share_gpt))  # one chat as a whole file: not a wrapper
+    cfg = InputConfig(path=str(tmp_path / "sharegpt.json"), messages_field="conversations")
+    assert [(r["instruction"], r["response"]) for r in rows_of(read_corpus(cfg))] == [("Add.", "x = 2")]
+
+
 def test_windows_encodings_and_blank_lines(ray_local, tmp_path):
     """A UTF-8 byte-order mark (Notepad) and UTF-16 (PowerShell 5's `>`) are read; blank lines and CRLF
     endings are not rows; a UTF-16 file with a broken character is one row with the reason."""

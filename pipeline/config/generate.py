@@ -23,6 +23,10 @@ class InputConfig:
     instruction_field: str = "instruction"
     response_fields: list[str] = Field(default_factory=lambda: ["response", "output"])
     """The first of these present in a row is the response (the two spellings of the real corpora)."""
+    messages_field: str = "messages"
+    """A row without `instruction_field` may hold a chat here instead: a list of `{role, content}` turns (also
+    ShareGPT's `{from, value}`). Its first user turn is the instruction and the assistant turn right after it
+    the response; later turns are not used."""
     split: str = "train"
     """Split to read for a Hugging Face dataset."""
     limit: int | None = Field(default=None, ge=1)
