@@ -34,6 +34,7 @@ class Rejection:
 
 def extract_code(response: str, cfg: ExtractConfig) -> Snippet | Rejection:
     """The first fenced block of `response`, or the whole response if it is Python, else a Rejection."""
+    response = response.replace("\r\n", "\n")  # the code of a CRLF corpus row gets plain newlines too
     snippet = first_fenced_block(response)
     if snippet is None:
         if not cfg.allow_unfenced_python:
@@ -55,6 +56,7 @@ def extract_code(response: str, cfg: ExtractConfig) -> Snippet | Rejection:
 
 def first_fenced_block(text: str) -> Snippet | None:
     """The first ``` block: its body and language tag; an unterminated fence runs to the end."""
+    text = text.replace("\r\n", "\n")  # with CRLF endings, "```\r" would not be a closing fence line
     opening = _OPEN.search(text)
     if opening is None:
         return None

@@ -73,6 +73,13 @@ def test_longer_fence_contains_shorter_one():
     assert first_fenced_block(text) == Snippet(code="```python\nx = 1\n```", lang="markdown")
 
 
+def test_crlf_line_endings():
+    """A corpus written on Windows: the closing fence line ends in \r; the code gets plain newlines."""
+    text = "Here:\r\n```python\r\nx = 1\r\ny = 2\r\n```\r\nThis sets x.\r\n"
+    assert extract_code(text, CFG) == extract_code(text.replace("\r\n", "\n"), CFG) == Snippet("x = 1\ny = 2", "python")
+    assert extract_code("x = 1\r\nprint(x)\r\n", CFG) == Snippet("x = 1\nprint(x)", "python")
+
+
 def test_indented_fence_and_info_string():
     text = "Steps:\n   ```js title=app.js\n   let a = 1;\n   ```\n"
     assert first_fenced_block(text) == Snippet(code="   let a = 1;", lang="js")
