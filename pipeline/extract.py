@@ -56,7 +56,6 @@ def extract_code(response: str, cfg: ExtractConfig) -> Snippet | Rejection:
 
 def first_fenced_block(text: str) -> Snippet | None:
     """The first ``` block: its body and language tag; an unterminated fence runs to the end."""
-    text = text.replace("\r\n", "\n")  # with CRLF endings, "```\r" would not be a closing fence line
     opening = _OPEN.search(text)
     if opening is None:
         return None
@@ -64,8 +63,8 @@ def first_fenced_block(text: str) -> Snippet | None:
     info = opening.group("info").strip()
     lang = info.split()[0].lower() if info else ""
     body_start = opening.end() + 1  # skip the newline that ends the fence line
-    # The closing fence: at least as many backticks, alone on its line.
-    closing = re.compile(rf"^[ ]{{0,3}}`{{{len(fence)},}}[ \t]*$", re.MULTILINE).search(text, body_start)
+    # The closing fence: at least as many backticks, alone on its line (which may end in \r: CRLF text).
+    closing = re.compile(rf"^[ ]{{0,3}}`{{{len(fence)},}}[ \t\r]*$", re.MULTILINE).search(text, body_start)
     body = text[body_start : closing.start() if closing else len(text)]
     return Snippet(code=body.rstrip(), lang=lang)
 

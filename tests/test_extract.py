@@ -78,6 +78,7 @@ def test_crlf_line_endings():
     text = "Here:\r\n```python\r\nx = 1\r\ny = 2\r\n```\r\nThis sets x.\r\n"
     assert extract_code(text, CFG) == extract_code(text.replace("\r\n", "\n"), CFG) == Snippet("x = 1\ny = 2", "python")
     assert extract_code("x = 1\r\nprint(x)\r\n", CFG) == Snippet("x = 1\nprint(x)", "python")
+    assert first_fenced_block(text) == Snippet("x = 1\r\ny = 2", "python")  # as written (evaluation's use)
 
 
 def test_indented_fence_and_info_string():

