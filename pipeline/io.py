@@ -181,7 +181,8 @@ _USER, _ASSISTANT = ("user", "human"), ("assistant", "gpt")
 
 def _first_exchange(messages: list[Any], cfg: InputConfig) -> dict[str, Any] | Unreadable:
     """A chat's first user turn and the assistant turn right after it, as a record with the configured fields."""
-    turns = [(m.get("role", m.get("from")), m.get("content", m.get("value"))) for m in messages if isinstance(m, dict)]
+    turns = [(str(m.get("role", m.get("from"))).lower(), m.get("content", m.get("value")))
+             for m in messages if isinstance(m, dict)]
     first_user = next((i for i, (role, _) in enumerate(turns) if role in _USER), None)
     where = f"`{cfg.messages_field}`"
     if first_user is None:

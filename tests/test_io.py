@@ -70,7 +70,7 @@ def test_chat_rows_give_their_first_exchange(ray_local, tmp_path):
         (None, None, "missing field: instruction", "`messages` has no user turn"),
         ("Add.", None, "not a string: response", "`response` is list"),  # what was read is kept
     ]
-    share_gpt = {"conversations": [{"from": "human", "value": "Add."}, {"from": "gpt", "value": "x = 2"}]}
+    share_gpt = {"conversations": [{"from": "human", "value": "Add."}, {"from": "GPT", "value": "x = 2"}]}
     (tmp_path / "sharegpt.json").write_text(json.dumps(share_gpt))  # one chat as a whole file: not a wrapper
     cfg = InputConfig(path=str(tmp_path / "sharegpt.json"), messages_field="conversations")
     assert [(r["instruction"], r["response"]) for r in rows_of(read_corpus(cfg))] == [("Add.", "x = 2")]
