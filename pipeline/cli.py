@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="corpus -> snippets -> scored candidates -> selected pairs",
                          description="Run (or resume, in the same --output) the generation job.")
     gen.add_argument("--input", metavar="PATH_OR_DATASET",
-                     help="JSON/JSONL (also .gz, .zst, ...)/Parquet file or folder, s3://..., a saved or hub HF dataset; "
-                          "'embedded' = the bundled corpus")
+                     help="JSON/JSONL (also .gz, .zst, ...)/Parquet file or folder, s3://..., a saved or hub HF dataset, "
+                          "of instruction/response or chat (messages) rows; 'embedded' = the bundled corpus")
     gen.add_argument("--output", metavar="DIR", help="output folder (local or s3://...)")
     _add_common(gen)
     gen.add_argument("--limit", type=int, metavar="N", help="read only the first N input rows")
