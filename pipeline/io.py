@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +29,7 @@ from pipeline.config import EMBEDDED_CORPUS, ConfigError, InputConfig
 
 DATA_DIR = Path(__file__).resolve().parent / "data"  # package data: also in a wheel install
 EMBEDDED_CORPUS_PATH = DATA_DIR / "evol-codealpaca-2k.json"
+log = logging.getLogger(__name__)
 
 ROW_COLUMNS = ("id", "source", "source_index", "instruction", "response", "reason", "detail")
 _SUFFIX_FORMAT = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -45,7 +47,7 @@ def row_id(source: str, index: int) -> str:
 def read_corpus(cfg: InputConfig, path_key: str = "input.path") -> ray.data.Dataset:
     """The corpus as rows of ROW_COLUMNS; `cfg.limit` keeps the first N rows in source order. An input that
     cannot be read at all is a ConfigError naming `path_key` (the config key the path came from)."""
-    path = str(EMBEDDED_CORPUS_PATH) if cfg.path == EMBEDDED_CORPUS else cfg.path
+    path = str(EMBEDDED_CORPUS_PATH) if cfg.path == EMBEDDED_CORPUS else _selected_if_generate_output(cfg.path, path_key)
     fmt = cfg.format
     if fmt == "hf" or (fmt == "auto" and _is_hf_dataset(path)):
         return _read_hf(path, cfg, path_key)
@@ -239,6 +241,24 @@ def looks_local(path: str) -> bool:
     with `/`, `.` or `~`, or has more than one `/`. Either kind of name is only taken for a hub id if no
     local file or folder has it."""
     return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def _selected_if_generate_output(path: str, path_key: str) -> str:
+    """`path` as given, or its `selected/` if it is a `generate` output folder: read whole, its snippets/
+    would add the ORIGINAL pairs to the generated ones (as `train --generated`, or a second round's input)."""
+    try:
+        fs, root = pafs.FileSystem.from_uri(as_uri(path))
+        is_run = fs.get_file_info(f"{root}/_stages").type == pafs.FileType.Directory
+    except (OSError, ValueError):
+        return path  # not a folder we can look into: the reader says what is wrong with it
+    if not is_run:
+        return path
+    if fs.get_file_info(f"{root}/_stages/select.json").type != pafs.FileType.File:
+        raise ConfigError(f"{path_key}: {path} is a generate output that has not finished (no "
+                          f"_stages/select.json); run that generate command to its end first")
+    selected = f"{path.rstrip('/')}/selected"
+    log.info("%s: a generate output; reading its pairs, %s", path_key, selected)
+    return selected
 
 
 def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list[tuple[str, str]]:

@@ -181,6 +181,21 @@ def test_hidden_and_bookkeeping_entries_of_a_folder_are_skipped(ray_local, tmp_p
     assert sorted(r["source"] for r in rows) == ["part-0.jsonl", "sub/part-1.jsonl"]
 
 
+def test_a_generate_output_folder_reads_as_its_selected_pairs(ray_local, tmp_path):
+    """Read whole, a generate output would add its snippets/ (the original pairs) to the selected ones."""
+    run = tmp_path / "gen"
+    for folder, instruction in (("selected", "New."), ("snippets", "Original.")):
+        (run / folder).mkdir(parents=True)
+        pq.write_table(pa.table({"id": ["a"], "instruction": [instruction], "response": ["x = 1"]}),
+                       run / folder / "part-0.parquet")
+    (run / "_stages").mkdir()
+    with pytest.raises(ConfigError, match="data.generated: .* is a generate output that has not finished"):
+        read_corpus(InputConfig(path=str(run)), path_key="data.generated")
+    (run / "_stages" / "select.json").write_text("{}")
+    for path in (str(run), f"{run}/", f"{run}/selected"):
+        assert [r["instruction"] for r in rows_of(read_corpus(InputConfig(path=path)))] == ["New."]
+
+
 def test_an_output_that_cannot_be_a_folder_is_a_config_error(tmp_path):
     (tmp_path / "a-file").write_text("x")
     for bad in (tmp_path / "a-file", tmp_path / "a-file" / "run"):

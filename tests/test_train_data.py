@@ -6,10 +6,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.config import ConfigError, TrainConfig, load_config
+from pipeline.config import TrainConfig, load_config
 from pipeline.prompts import PromptBuilder
 from pipeline.train.data import IGNORE, Collate, mix_schedule, pack_batch, tokenize_batch
-from pipeline.train.trainer import generated_pairs, plan_phases, steps_per_pass
+from pipeline.train.trainer import plan_phases, steps_per_pass
 
 
 @pytest.mark.parametrize("kind, expected", [
@@ -39,19 +39,6 @@ def _rows(rows: list[dict]) -> pa.Table:
     base = {"id": None, "source": "s", "source_index": 0, "instruction": None, "response": None,
             "reason": None, "detail": None}
     return pa.Table.from_pylist([{**base, "id": f"r{i}", **r} for i, r in enumerate(rows)])
-
-
-def test_a_generate_output_folder_gives_its_selected_pairs(tmp_path):
-    """Read whole, a generate output would add its snippets/ (the original pairs) to the generated ones."""
-    run = tmp_path / "gen"
-    (run / "_stages").mkdir(parents=True)
-    (run / "_stages" / "inverse.json").write_text("{}")
-    with pytest.raises(ConfigError, match="data.generated: .* is a generate output that has not finished"):
-        generated_pairs(str(run))
-    (run / "_stages" / "select.json").write_text("{}")
-    assert generated_pairs(str(run)) == generated_pairs(f"{run}/") == f"{run}/selected"
-    assert generated_pairs(f"{run}/selected") == f"{run}/selected"  # any other folder as given
-    assert generated_pairs(str(tmp_path / "missing")) == str(tmp_path / "missing")  # read_corpus names it
 
 
 @pytest.mark.parametrize("fmt", ["chat", "magicoder"])

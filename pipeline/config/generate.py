@@ -18,7 +18,8 @@ EMBEDDED_CORPUS = "embedded"  # pipeline/data/evol-codealpaca-2k.json
 class InputConfig:
     path: str = EMBEDDED_CORPUS
     """Local file or folder (JSON array, JSONL, Parquet), `s3://bucket/prefix`, a folder written by
-    `datasets.save_to_disk`, or a Hugging Face hub dataset name. `embedded` = the bundled corpus."""
+    `datasets.save_to_disk`, or a Hugging Face hub dataset name. `embedded` = the bundled corpus. A `generate`
+    output folder stands for its `selected/` pairs."""
     format: Literal["auto", "json", "jsonl", "parquet", "hf"] = "auto"
     instruction_field: str = "instruction"
     response_fields: list[str] = Field(default_factory=lambda: ["response", "output"])

@@ -22,7 +22,6 @@ from typing import Any, Iterator
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is imported: the V2 API only
 
-import pyarrow.fs as pafs
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -30,7 +29,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainConfig, to_dict
-from pipeline.io import OutputDir, as_uri, read_corpus
+from pipeline.io import OutputDir, read_corpus
 from pipeline.models import resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import LoopConfig, train_loop
@@ -145,26 +144,8 @@ def plan_phases(cfg: TrainConfig) -> list[tuple[str, ...]]:
 
 def source_input(cfg: TrainConfig, name: str) -> InputConfig:
     if name == "generated":  # `selected/` of generate: Parquet with instruction/response columns
-        return InputConfig(path=generated_pairs(str(cfg.data.generated)), response_fields=["response"])
+        return InputConfig(path=str(cfg.data.generated), response_fields=["response"])  # all of them: the point
     return InputConfig(path=cfg.data.original, limit=cfg.data.limit)
-
-
-def generated_pairs(path: str) -> str:
-    """`data.generated` as given, or its `selected/` if it is a `generate` output folder: read whole, that
-    folder's snippets/ would add the ORIGINAL pairs to the generated ones, without a word."""
-    try:
-        fs, root = pafs.FileSystem.from_uri(as_uri(path))
-        is_run = fs.get_file_info(f"{root}/_stages").type == pafs.FileType.Directory
-    except (OSError, ValueError):
-        return path  # read_corpus names what is wrong with it
-    if not is_run:
-        return path
-    if fs.get_file_info(f"{root}/_stages/select.json").type != pafs.FileType.File:
-        raise ConfigError(f"data.generated: {path} is a generate output that has not finished (no "
-                          f"_stages/select.json); run that generate command to its end first")
-    selected = f"{path.rstrip('/')}/selected"
-    log.info("train: data.generated is a generate output; its pairs are %s", selected)
-    return selected
 
 
 def prepare_source(cfg: TrainConfig, name: str, model_path: str,
