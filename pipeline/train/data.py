@@ -75,12 +75,14 @@ _TOKENIZERS: dict[tuple[str, bool], Any] = {}
 
 
 def _tokenizer(path: str, trust_remote_code: bool) -> Any:
-    # One load per Ray worker process, reused by every batch it maps; `path` is resolved on this node.
+    # One load per Ray worker process, reused by every batch it maps; `path` is resolved on this node, without
+    # a remote model's weights (a CPU node that tokenizes needs none of them).
     key = (path, trust_remote_code)
     if key not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
-        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+        local = resolve_model_path(path, weights=False)
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
     return _TOKENIZERS[key]
 
 
