@@ -59,7 +59,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     counts: dict[str, dict[str, Any]] = {}
     with ordered_data():  # the datasets keep the setting; later jobs in this process do not inherit it
         for name in sorted({s for p in phases for s in p}):
-            data[name], counts[name] = prepare_source(cfg, name, cfg.model.path, prompt_format)
+            data[name], counts[name] = prepare_source(cfg, name, prompt_format)
             log.info("train: %s: %s", name, json.dumps(counts[name], sort_keys=True))
         world, micro = cfg.compute.num_workers, cfg.optim.micro_batch_size
         accum = cfg.optim.global_batch_size // (micro * world)
@@ -148,12 +148,11 @@ def source_input(cfg: TrainConfig, name: str) -> InputConfig:
     return InputConfig(path=cfg.data.original, limit=cfg.data.limit)
 
 
-def prepare_source(cfg: TrainConfig, name: str, model_path: str,
-                   prompt_format: str) -> tuple[ray.data.Dataset, dict[str, Any]]:
+def prepare_source(cfg: TrainConfig, name: str, prompt_format: str) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """Read -> tokenize -> pack, in Ray Data, materialized once and reused by every pass over it."""
     tokenized = read_corpus(source_input(cfg, name), path_key=f"data.{name}").map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=256,
-        fn_kwargs={"model_path": model_path, "prompt_format": prompt_format, "max_length": cfg.data.max_length,
+        fn_kwargs={"model_path": cfg.model.path, "prompt_format": prompt_format, "max_length": cfg.data.max_length,
                    "trust_remote_code": cfg.model.trust_remote_code}).materialize()
     statuses = {r["status"]: r["count()"] for r in tokenized.groupby("status").count().take_all()}
     packed = tokenized.map_batches(pack_batch, batch_format="pyarrow", batch_size=1024,
