@@ -1,23 +1,18 @@
-"""Readers (corpus -> Ray Dataset of rows with deterministic ids), output folders and the manifest.
+"""Reading a corpus (a Ray Dataset of rows with deterministic ids) and writing a run's output folder.
 
-Every input row gets `source` (file path relative to the input root, or the dataset name) and
-`source_index` (its position there) and `id` = hash(source, source_index). A row that cannot be read
-(malformed JSON line, missing field, non-string, bytes that are neither UTF-8 nor BOM-marked UTF-16) is
-still a row: it carries `reason` and `detail` instead of text, so that nothing is lost silently.
-
-Paths may be local or `s3://...` (anything pyarrow.fs understands); the files are listed on the driver
-and parsed by Ray tasks, one file per task.
+The files of a corpus are listed on the driver and parsed by Ray tasks, one file per task
+(`pipeline/records.py`: one file's records -> rows, a record that cannot be used kept as a row with its
+reason); a saved or hub HF dataset goes through the same row check. Paths may be local or `s3://...`
+(anything pyarrow.fs understands).
 """
 
 from __future__ import annotations
 
-import codecs
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -26,26 +21,20 @@ import ray
 from ray.data.expressions import col
 
 from pipeline.config import EMBEDDED_CORPUS, ConfigError, InputConfig
+from pipeline.records import COMPRESSED, parse_file, to_row
 
 DATA_DIR = Path(__file__).resolve().parent / "data"  # package data: also in a wheel install
 EMBEDDED_CORPUS_PATH = DATA_DIR / "evol-codealpaca-2k.json"
 log = logging.getLogger(__name__)
 
-ROW_COLUMNS = ("id", "source", "source_index", "instruction", "response", "reason", "detail")
 _SUFFIX_FORMAT = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
-# JSON and JSONL may be compressed: pyarrow's open_input_stream decompresses these by the file's suffix.
-_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
-
-
-def row_id(source: str, index: int) -> str:
-    return hashlib.sha256(f"{source}\x00{index}".encode()).hexdigest()[:20]
 
 
 # ---------------------------------------------------------------- reading
 
 
 def read_corpus(cfg: InputConfig, path_key: str = "input.path") -> ray.data.Dataset:
-    """The corpus as rows of ROW_COLUMNS; `cfg.limit` keeps the first N rows in source order. An input that
+    """The corpus as rows of `pipeline.records.ROW_COLUMNS`; `cfg.limit` keeps the first N rows in source order. An input that
     cannot be read at all is a ConfigError naming `path_key` (the config key the path came from)."""
     path = str(EMBEDDED_CORPUS_PATH) if cfg.path == EMBEDDED_CORPUS else _selected_if_generate_output(cfg.path, path_key)
     fmt = cfg.format
@@ -58,7 +47,7 @@ def read_corpus(cfg: InputConfig, path_key: str = "input.path") -> ray.data.Data
         for rank, (f, fmt_) in enumerate(files)
     ]
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
-    ds = ds.flat_map(_parse_file, fn_kwargs={"cfg": cfg})
+    ds = ds.flat_map(parse_file, fn_kwargs={"cfg": cfg})
     if cfg.limit is not None and len(tasks) > 1:
         # Each file stops at `limit` rows; the global first-N also needs the earlier files' counts.
         ds = ds.materialize()
@@ -71,136 +60,6 @@ def read_corpus(cfg: InputConfig, path_key: str = "input.path") -> ray.data.Data
                 break
             left -= counts[rank]
     return ds.drop_columns(["rank"])
-
-
-def _parse_file(task: dict[str, Any], cfg: InputConfig) -> Iterator[dict[str, Any]]:
-    fs, path = pafs.FileSystem.from_uri(task["uri"])
-    source, limit = task["source"], cfg.limit
-    if task["format"] == "parquet":
-        records: Iterator[Any] = _parquet_records(fs, path)
-    else:
-        with fs.open_input_stream(path) as stream:
-            data = _as_utf8(stream.read())
-        if isinstance(data, Unreadable):
-            records = iter([data])
-        else:
-            records = _jsonl_records(data) if task["format"] == "jsonl" else _json_array_records(data, cfg)
-    for index, record in enumerate(records):
-        if limit is not None and index >= limit:
-            break
-        yield {**to_row(record, source, index, cfg), "rank": task["rank"]}
-
-
-class Unreadable:
-    """A record that could not be parsed at all (kept so that its position still yields a row)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason, self.detail = reason, detail
-
-
-def _as_utf8(data: bytes) -> bytes | Unreadable:
-    """The file's bytes as UTF-8 without a byte-order mark. Windows tools write a UTF-8 BOM (Notepad) or
-    UTF-16 (PowerShell 5's `>`); `json` refuses the first and reads the second as garbage."""
-    if data.startswith(codecs.BOM_UTF8):
-        return data[len(codecs.BOM_UTF8):]
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        try:
-            return data.decode("utf-16").encode("utf-8")
-        except UnicodeError as err:  # a bad pair breaks the whole decode: one row says so
-            return Unreadable("non-utf8 text", f"UTF-16 file (byte-order mark), invalid at byte {err.start}")
-    return data
-
-
-def _jsonl_records(data: bytes) -> Iterator[Any]:
-    # Blank lines are not records (most JSON Lines writers and readers allow them): skipped, not counted.
-    lines = [(number, line) for number, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
-    for number, line in lines:
-        # surrogateescape keeps undecodable bytes as lone surrogates; to_row rejects those rows.
-        text = line.decode("utf-8", "surrogateescape")
-        try:
-            yield json.loads(text)
-        except json.JSONDecodeError as err:
-            yield Unreadable("malformed json", f"line {number}: {err.msg} at column {err.colno}")
-
-
-def _json_array_records(data: bytes, cfg: InputConfig) -> Iterator[Any]:
-    text = data.decode("utf-8", "surrogateescape")
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as err:
-        # Not one JSON document: maybe JSON Lines under a .json name (common); else one bad row.
-        if text.lstrip().startswith("{"):
-            yield from _jsonl_records(data)
-            return
-        yield Unreadable("malformed json", f"{err.msg} at line {err.lineno} column {err.colno}")
-        return
-    one_record = isinstance(parsed, dict) and (cfg.instruction_field in parsed or cfg.messages_field in parsed)
-    if one_record or (isinstance(parsed, dict) and not any(isinstance(v, list) for v in parsed.values())):
-        parsed = [parsed]
-    elif isinstance(parsed, dict):  # {"data": [...]}-style wrapper: take the first list
-        parsed = next(v for v in parsed.values() if isinstance(v, list))
-    if not isinstance(parsed, list):
-        yield Unreadable("malformed json", f"expected an array of objects, got {type(parsed).__name__}")
-        return
-    yield from parsed
-
-
-def _parquet_records(fs: pafs.FileSystem, path: str) -> Iterator[Any]:
-    with fs.open_input_file(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-
-
-def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, Any]:
-    """Validate one record into a row; problems become `reason`/`detail`, never exceptions."""
-    row = {"id": row_id(source, index), "source": source, "source_index": index,
-           "instruction": None, "response": None, "reason": None, "detail": None}
-    if isinstance(record, Unreadable):
-        return {**row, "reason": record.reason, "detail": record.detail}
-    if not isinstance(record, dict):
-        return {**row, "reason": "malformed row", "detail": f"expected an object, got {type(record).__name__}"}
-    if cfg.instruction_field not in record and isinstance(record.get(cfg.messages_field), list):
-        record = _first_exchange(record[cfg.messages_field], cfg)
-        if isinstance(record, Unreadable):
-            return {**row, "reason": record.reason, "detail": record.detail}
-    response_field = next((f for f in cfg.response_fields if f in record), None)
-    for field, name in ((cfg.instruction_field, "instruction"), (response_field, "response")):
-        if field is None or field not in record:
-            wanted = cfg.instruction_field if name == "instruction" else " or ".join(cfg.response_fields)
-            return {**row, "reason": f"missing field: {name}", "detail": f"no `{wanted}` in the row"}
-        value = record[field]
-        if not isinstance(value, str):
-            return {**row, "reason": f"not a string: {name}", "detail": f"`{field}` is {type(value).__name__}"}
-        bad = _first_surrogate(value)
-        if bad is not None:
-            return {**row, "reason": "non-utf8 text", "detail": f"`{field}` has invalid UTF-8 at char {bad}"}
-        row[name] = value
-    return row
-
-
-_USER, _ASSISTANT = ("user", "human"), ("assistant", "gpt")
-
-
-def _first_exchange(messages: list[Any], cfg: InputConfig) -> dict[str, Any] | Unreadable:
-    """A chat's first user turn and the assistant turn right after it, as a record with the configured fields."""
-    turns = [(str(m.get("role", m.get("from"))).lower(), m.get("content", m.get("value")))
-             for m in messages if isinstance(m, dict)]
-    first_user = next((i for i, (role, _) in enumerate(turns) if role in _USER), None)
-    where = f"`{cfg.messages_field}`"
-    if first_user is None:
-        return Unreadable("missing field: instruction", f"{where} has no user turn")
-    if first_user + 1 == len(turns) or turns[first_user + 1][0] not in _ASSISTANT:
-        return Unreadable("missing field: response", f"{where} has no assistant turn right after its first user turn")
-    return {cfg.instruction_field: turns[first_user][1], cfg.response_fields[0]: turns[first_user + 1][1]}
-
-
-def _first_surrogate(text: str) -> int | None:
-    """Position of the first lone surrogate (an undecodable byte kept by surrogateescape), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return err.start
-    return None
 
 
 def _read_hf(name: str, cfg: InputConfig, path_key: str) -> ray.data.Dataset:
@@ -279,13 +138,13 @@ def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list
         if kind is not None:
             files.append((i.path, kind))
     if not files:
-        raise ConfigError(f"{path_key}: no .json, .jsonl (also {', '.join(_COMPRESSED)}) or .parquet files under {root}")
+        raise ConfigError(f"{path_key}: no .json, .jsonl (also {', '.join(COMPRESSED)}) or .parquet files under {root}")
     return files
 
 
 def _format_of(path: str) -> str | None:
     name = Path(path).name.lower()
-    compressed = name.endswith(_COMPRESSED)
+    compressed = name.endswith(tuple(COMPRESSED))
     kind = _SUFFIX_FORMAT.get(Path(name.rsplit(".", 1)[0] if compressed else name).suffix)
     return None if compressed and kind == "parquet" else kind  # Parquet compresses inside the file
 

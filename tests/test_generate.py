@@ -22,7 +22,7 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.generate import generate
 from tests.process_tools import engine_leftovers, kill_session, left_behind
-from tests.test_io import bad_rows_jsonl
+from tests.test_records import bad_rows_jsonl
 
 pytestmark = pytest.mark.slow
 
