@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,7 +33,7 @@ from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig, fingerp
 from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
-from pipeline.io import OutputDir, read_corpus
+from pipeline.io import OutputDir, check_output_seen_everywhere, read_corpus
 from pipeline.select import decide, tie_summary
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,10 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
             stats[stage] = marker
             continue
         rerun = True
-        out.write_json(f"_stages/{stage}.started.json", {"fingerprint": prints[stage]})
+        # The token lets every node that writes results check it sees this folder (a local one on a cluster).
+        token = uuid.uuid4().hex
+        out.write_json(f"_stages/{stage}.started.json", {"fingerprint": prints[stage], "token": token})
+        check_output_seen_everywhere(cfg.output, out.sub(f"_stages/{stage}.started.json"), token)
         t0 = time.perf_counter()
         counts = run(cfg, out)
         stats[stage] = {"fingerprint": prints[stage], "counts": counts,
@@ -183,9 +187,11 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
             # Blocks of one batch each: every finished batch is written as its own file at once, which is
             # the unit of resume (otherwise a whole input block's results wait in memory until it is done).
             todo = todo.repartition(target_num_rows_per_block=c.batch_size)
+            marker = "_stages/inverse.started.json"
+            seen_by = (out.sub(marker), out.read_json(marker)["token"])  # checked by each actor, on its node
             todo.map_batches(
                 InverseInstruct,
-                fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger},
+                fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger, "output_marker": seen_by},
                 batch_size=c.batch_size,
                 num_gpus=c.num_gpus_per_actor,
                 num_cpus=c.num_cpus_per_actor,
@@ -195,8 +201,9 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
             crashes = ray.get(ledger.summary.remote())
     out.ensure_parquet("_work/scored", SCORED_SCHEMA)
     scored_ids = out.read_ids("_work/scored")
-    if len(scored_ids) != total:
-        raise RuntimeError(f"inverse: {total - len(scored_ids)} of {total} snippets were not scored")
+    if len(scored_ids) != total:  # e.g. written on a node that joined late and does not share a local output
+        raise RuntimeError(f"inverse: {total - len(scored_ids)} of {total} snippets were not scored (or were "
+                           f"written where {out.uri} does not show them)")
     return {"snippets": total, "resumed_from": len(done), "scored_now": total - len(done), "engine_crashes": crashes}
 
 

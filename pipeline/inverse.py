@@ -26,6 +26,7 @@ from pipeline.config import GenerateConfig
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation
 from pipeline.engines import (Engine, EngineDead, SamplingSpec, close_owned_engine, create_engine,
                               each_or_alone, restart_actor_if_engine_dead, yes_probability)
+from pipeline.io import check_output_seen_here
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
 
@@ -44,9 +45,13 @@ SCORED_SCHEMA = pa.schema([
 class InverseInstruct:
     """Callable class for `ray.data.Dataset.map_batches`: snippets in, one scored row per snippet out."""
 
-    def __init__(self, cfg: GenerateConfig, engine: Engine | None = None, crash_ledger: Any = None) -> None:
+    def __init__(self, cfg: GenerateConfig, engine: Engine | None = None, crash_ledger: Any = None,
+                 output_marker: tuple[str, str] | None = None) -> None:
         # `engine` lets a caller share an already loaded engine (tests, notebooks). In a run, Ray passes
-        # cfg and the stage's crash ledger (see pipeline/crash_isolation.py), told once the engine is up.
+        # cfg, the stage's crash ledger (see pipeline/crash_isolation.py), told once the engine is up, and
+        # the stage's marker file and token: this node must see the output folder its results go to.
+        if output_marker is not None:
+            check_output_seen_here(cfg.output, *output_marker)
         self.engine = engine or create_engine(cfg.model, resolve_model_path(cfg.model.path))
         self.owns_engine = engine is None
         self.isolation = CrashIsolation(crash_ledger) if crash_ledger is not None else None

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import EMBEDDED_CORPUS, ConfigError, InputConfig
 from pipeline.records import COMPRESSED, parse_file, to_row
@@ -47,7 +48,7 @@ def read_corpus(cfg: InputConfig, path_key: str = "input.path") -> ray.data.Data
         for rank, (f, fmt_) in enumerate(files)
     ]
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
-    ds = ds.flat_map(parse_file, fn_kwargs={"cfg": cfg})
+    ds = ds.flat_map(parse_file, fn_kwargs={"cfg": cfg}, **on_this_node(path))
     if cfg.limit is not None and len(tasks) > 1:
         # Each file stops at `limit` rows; the global first-N also needs the earlier files' counts.
         ds = ds.materialize()
@@ -147,6 +148,50 @@ def _format_of(path: str) -> str | None:
     compressed = name.endswith(tuple(COMPRESSED))
     kind = _SUFFIX_FORMAT.get(Path(name.rsplit(".", 1)[0] if compressed else name).suffix)
     return None if compressed and kind == "parquet" else kind  # Parquet compresses inside the file
+
+
+def on_this_node(path: str) -> dict[str, Any]:
+    """Options for the Ray tasks that read a local `path`: run them on this (the driver's) node. On a cluster of
+    several nodes a task elsewhere would not find the file, unless the path is on a filesystem they share."""
+    if "://" in path:
+        return {}
+    return {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
+
+
+def output_seen_here(output: str, marker: str, token: str) -> str | None:
+    """None if this node reads `marker` (a file the driver has just written in the output folder) with `token` in
+    it; else the complaint. A node that does not see the folder would write its part of the results where no one
+    reads them: Ray Data writes from whichever node a task runs on."""
+    try:
+        fs, path = pafs.FileSystem.from_uri(as_uri(marker))
+        with fs.open_input_stream(path) as f:
+            if token in f.read().decode("utf-8", "replace"):
+                return None
+        why = "it holds another run's files"
+    except (OSError, ValueError) as err:
+        why = f"{type(err).__name__}: {err}"
+    return (f"output: {output} is not visible from node {ray.util.get_node_ip_address()} ({why}); on a cluster "
+            f"of several nodes the output must be on storage that every node shares: s3://... or a shared "
+            f"filesystem (NFS, EFS)")
+
+
+def check_output_seen_here(output: str, marker: str, token: str) -> None:
+    problem = output_seen_here(output, marker, token)
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_output_seen_everywhere(output: str, marker: str, token: str) -> None:
+    """`check_output_seen_here` on every node of the cluster now, for a local output folder (one tiny task per
+    node). Nodes that join later are checked by the engine actors they start (see InverseInstruct)."""
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    if "://" in output or len(nodes) < 2:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(output_seen_here)
+    problems = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                        .remote(output, marker, token) for node in nodes])
+    if any(problems):
+        raise ConfigError(next(p for p in problems if p))
 
 
 def as_uri(path: str) -> str:

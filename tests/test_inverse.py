@@ -91,3 +91,15 @@ def test_judge_words_must_be_single_tokens(cfg, engine):
     bad = GenerateConfig(model=cfg.model, judge={"yes_words": ["Absolutely certainly"], "no_words": ["No"]})
     with pytest.raises(ValueError, match="judge.yes_words"):
         InverseInstruct(bad, engine=engine)
+
+
+def test_an_actor_on_a_node_that_does_not_see_the_output_stops_before_loading_its_model(cfg, tmp_path):
+    """What each engine actor of a run checks first: the stage's marker file (with the run's token) is visible
+    on its node. A GPU node that joined the cluster without the driver's local output folder would otherwise
+    score its batches and write them where no one reads them."""
+    from pipeline.config import ConfigError
+
+    marker = tmp_path / "inverse.started.json"
+    marker.write_text('{"token": "run-1"}')
+    with pytest.raises(ConfigError, match="is not visible from node .*it holds another run's files"):
+        InverseInstruct(cfg, output_marker=(str(marker), "run-2"))  # engine=None: it would load one

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,3 +119,86 @@ def test_output_dir_deletes_files_cut_short(tmp_path):
     assert not (folder / "cut.parquet").exists()
     out.write_json("_stages/x.json", {"n": 1})
     assert out.read_json("_stages/x.json") == {"n": 1}
+
+
+MULTI_NODE = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+import pipeline.io
+from pipeline.config import ConfigError, InputConfig
+from pipeline.io import check_output_seen_everywhere, read_corpus
+
+parse_file = pipeline.io.parse_file
+
+
+def parse_file_and_say_where(task, cfg):  # each row says which node parsed it
+    for row in parse_file(task, cfg):
+        yield {**row, "node": ray.get_runtime_context().get_node_id()}
+
+
+if __name__ == "__main__":
+    folder, marker = sys.argv[1:]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=2)  # a second node, with more free CPUs than the driver's
+        ray.init(address=cluster.address, logging_level="ERROR")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        pipeline.io.parse_file = parse_file_and_say_where
+        driver = ray.get_runtime_context().get_node_id()
+        parsed = [row["node"] == driver for row in read_corpus(InputConfig(path=folder)).take_all()]
+        check_output_seen_everywhere("out", marker, "run-1")  # both nodes see it
+        try:
+            check_output_seen_everywhere("out", marker, "run-2")  # another run's marker
+            missed = None
+        except ConfigError as err:
+            missed = str(err)
+        print(json.dumps({"parsed_on_driver": parsed, "missed": missed}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+"""
+
+
+def test_local_input_is_read_on_the_driver_node_and_every_node_must_see_the_output(tmp_path):
+    """On a cluster of several nodes a plain local path is one node's disk. The input's files are parsed by
+    tasks on the driver's node (before, Ray Data spread them: 2 or 3 of the 4 ran on the other node here), and a
+    local output folder must be visible from every node, since Ray Data writes from wherever a task runs."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for part in range(4):
+        (folder / f"part-{part}.jsonl").write_text(json.dumps(GOOD) + "\n")
+    marker = tmp_path / "started.json"
+    marker.write_text(json.dumps({"token": "run-1"}))
+    (tmp_path / "multi_node.py").write_text(MULTI_NODE)
+    # Ray records the cluster it starts as the machine's current one (`ray.init()` would then connect to it):
+    # whatever happens to the subprocess, the record is put back as it was.
+    from ray._common.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    before = address_file.read_text() if address_file.exists() else None
+    try:
+        run = subprocess.run([sys.executable, str(tmp_path / "multi_node.py"), str(folder), str(marker)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    finally:
+        if before is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(before)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert lines, run.stderr[-3000:]
+    result = json.loads(lines[-1])
+    assert result["parsed_on_driver"] == [True] * 4
+    assert "output: out is not visible from node" in result["missed"]
+    assert "it holds another run's files" in result["missed"] and "s3://" in result["missed"]
+
+
+def test_an_output_marker_a_node_cannot_read_is_a_config_error(tmp_path):
+    from pipeline.io import check_output_seen_here, output_seen_here
+
+    marker = tmp_path / "started.json"
+    marker.write_text(json.dumps({"token": "run-1"}))
+    assert output_seen_here("out", str(marker), "run-1") is None
+    with pytest.raises(ConfigError, match=r"output: out is not visible from node .*FileNotFoundError"):
+        check_output_seen_here("out", str(tmp_path / "missing.json"), "run-1")
