@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -168,6 +169,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # refused by the job itself, e.g. an output folder that holds another config
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - only an actor's ConfigError is handled; the rest is re-raised
+        refused = actor_config_error(err)
+        if refused is None:
+            raise
+        import ray
+
+        ray.shutdown()  # first: the dead actor's last log lines would otherwise bury the message
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
+
+
+_CONFIG_ERROR_LINE = re.compile(r"^pipeline\.config\.ConfigError: (.+)$", re.MULTILINE)
+
+
+def actor_config_error(err: BaseException) -> str | None:
+    """The message of a ConfigError that an engine actor raised while starting (a model path missing on its node,
+    an output folder it does not see), or None. Ray hands the driver an error that keeps only the text of the
+    actor's traceback, whose last line names our class."""
+    if not getattr(err, "actor_init_failed", False):
+        return None
+    found = _CONFIG_ERROR_LINE.findall(str(err))
+    return f"{found[-1]} (in an engine actor)" if found else None
 
 
 # One function per subcommand: the validated config in, the job run, a short summary printed, an exit code.

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +95,15 @@ def test_evaluate_with_evalplus_tests(tiny_model, ray_local, tmp_path, evalplus_
     assert summary["pass@1"] == c["passed"] / 3 and summary["pass@1_plus"] == c["plus"]["passed"] / 3
     assert sum(c["plus"]["by_reason"].values()) == 3 and "EvalPlus" in summary["benchmark_source"]
     assert summary["config"]["benchmark"]["plus_timeout_s"] == 60.0
+
+
+def test_a_config_error_raised_in_an_engine_actor_is_reported_as_one(tmp_path):
+    """A model path missing on the node of an engine actor (or an output folder it does not see) is found where
+    the actor starts, and Ray hands the driver only the text of its error: the command still ends with the
+    message and exit code 2 of a config error, not a traceback. In its own process: it stops its Ray instance."""
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", "--model", str(tmp_path / "missing"),
+                          "--engine", "transformers", "--limit", "1", "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.rstrip().splitlines()[-1] == (
+        f"error: model.path: {tmp_path / 'missing'} does not exist on {socket.gethostname()} (in an engine actor)")
