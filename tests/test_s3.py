@@ -208,3 +208,32 @@ def test_evaluate_a_model_in_s3(s3_env, s3_model):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(client.get_object(Bucket="corpus", Key="eval/he/summary.json")["Body"].read())
     assert summary["counts"]["problems"] == 2 and summary["config"]["model"]["path"] == s3_model
+
+
+def test_train_from_and_to_s3(s3_env, s3_corpus, s3_model, first_run, tiny_model, tmp_path):
+    """`train --output s3://…` (what `loop --output s3://…` runs after generate): its data, base model,
+    checkpoints (Ray Train's storage_path), final model and report all in S3."""
+    env, client, _ = s3_env
+    args = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(REPO / "configs" / "train_cpu.yaml"),
+            "--model", s3_model, "--generated", "s3://corpus/runs/one", "--original", s3_corpus,
+            "--output", "s3://corpus/train/one", "--set", "lora.enabled=false", "--set", "data.max_length=128",
+            "--set", "optim.global_batch_size=4", "--set", "checkpoint.every_steps=2"]
+    done = subprocess.run(args, env=_run_env(env), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = _manifest(client, "train/one")
+    assert manifest["data"]["generated"]["rows"] == first_run["counts"]["selected"]  # its selected/ only
+    assert manifest["data"]["original"]["rows"] == 13 and manifest["steps"] == sum(manifest["planned_steps"]) > 0
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="train/one/")["Contents"]}
+    assert {"train/one/report.md", "train/one/loss.png", "train/one/model/config.json"} <= keys
+    assert any(k.startswith("train/one/checkpoints/") and k.endswith("/state.json") for k in keys)
+
+    # The model in S3 is a plain HF folder: downloaded as is, transformers loads it.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for key in (k for k in keys if k.startswith("train/one/model/")):
+        (tmp_path / Path(key).name).write_bytes(client.get_object(Bucket="corpus", Key=key)["Body"].read())
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()["model.layers.0.mlp.up_proj.weight"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert trained.shape == base.shape and not torch.equal(trained, base)  # the trained weights
+    assert AutoTokenizer.from_pretrained(tmp_path).eos_token == AutoTokenizer.from_pretrained(tiny_model).eos_token
