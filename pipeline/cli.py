@@ -16,7 +16,7 @@ import yaml
 from pipeline.config import (ConfigError, EvaluateConfig, GenerateConfig, LoopConfig, SubmitConfig, TrainConfig,
                              load_config)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: a wheel install has them too
 
 # Flag -> dotted config key. Flags override the YAML file; `--set KEY=VALUE` reaches any other key.
 GENERATE_FLAGS = {

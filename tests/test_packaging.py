@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_a_wheel_install_has_the_bundled_data(tmp_path):
+def test_a_wheel_install_has_the_bundled_data_and_configs(tmp_path):
     source = tmp_path / "src"  # built from a copy: a build leaves build/ and egg-info behind
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -26,7 +26,16 @@ def test_a_wheel_install_has_the_bundled_data(tmp_path):
             "from pipeline.evaluate.benchmarks import load_problems\n"
             f"assert pipeline.__file__.startswith({str(tmp_path / 'site')!r}), pipeline.__file__\n"
             "assert io.EMBEDDED_CORPUS_PATH.stat().st_size > 1e6 and d.MBPP_PATH.exists()\n"
-            "print(len(load_problems('mbpp')))\n")
+            "print(len(load_problems('mbpp')))\n"
+            # `inverse-instruct demo` reads its config from the package; the other configs are there to copy.
+            "from pipeline.cli import CONFIGS, build_parser\n"
+            "from pipeline.config import LoopConfig, load_config\n"
+            "demo = build_parser().parse_args(['demo']).config\n"
+            "assert demo.startswith(pipeline.__path__[0]), demo\n"
+            "print(load_config(demo, schema=LoopConfig).generate.input.path)\n"
+            "print(sorted(p.name for p in CONFIGS.glob('*.yaml')))\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
-    assert run.returncode == 0 and run.stdout.split() == ["500"], run.stderr[-2000:]
+    assert run.returncode == 0, run.stderr[-2000:]
+    configs = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    assert run.stdout.splitlines() == ["500", "embedded", str(configs)] and "demo.yaml" in configs
