@@ -41,6 +41,10 @@ def extract_code(response: str, cfg: ExtractConfig) -> Snippet | Rejection:
             return Rejection("no code", "the response has no fenced code block")
         if not response.strip():
             return Rejection("empty response", "the response is empty or whitespace")
+        n = len(response.strip("\n"))
+        if n > cfg.max_code_chars:  # before parsing: ast.parse of a 23 MB response took 15 s and 3.3 GB
+            return Rejection("code too long", f"{n} chars > extract.max_code_chars={cfg.max_code_chars} "
+                                              f"(no fenced block: the whole response, not parsed)")
         if not parses_as_python(response):
             return Rejection("no code", "no fenced code block, and the response does not parse as Python")
         snippet = Snippet(code=response.strip("\n"), lang="python")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.config import ExtractConfig
 from pipeline.extract import Rejection, Snippet, code_key, extract_code, first_fenced_block
 
@@ -61,6 +63,16 @@ def test_empty_block_and_length_limits():
     assert isinstance(short, Rejection) and short.reason == "code too short"
     giant = extract_code("```python\n" + "x = 1\n" * 10_000 + "```", ExtractConfig(max_code_chars=20_000))
     assert isinstance(giant, Rejection) and giant.reason == "code too long" and giant.detail.startswith("59999 chars")
+
+
+def test_a_giant_unfenced_response_is_too_long_before_it_is_parsed(monkeypatch):
+    """Parsing a 23 MB response took 15 s and 3.3 GB in a preprocess worker, only to reject it as too long."""
+    import pipeline.extract
+
+    monkeypatch.setattr(pipeline.extract, "parses_as_python", lambda text: pytest.fail("parsed"))
+    giant = extract_code("x = 1\n" * 10_000, ExtractConfig(max_code_chars=20_000))
+    assert giant == Rejection("code too long", "59999 chars > extract.max_code_chars=20000 (no fenced block: "
+                                               "the whole response, not parsed)")
 
 
 def test_empty_response_and_unfenced_disabled():
