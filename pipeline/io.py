@@ -188,10 +188,17 @@ def check_output_seen_everywhere(output: str, marker: str, token: str) -> None:
     if "://" in output or len(nodes) < 2:
         return
     probe = ray.remote(num_cpus=0, max_retries=0)(output_seen_here)
-    problems = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-                        .remote(output, marker, token) for node in nodes])
-    if any(problems):
-        raise ConfigError(next(p for p in problems if p))
+    asked = [(node, probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+              .remote(output, marker, token)) for node in nodes]
+    for node, answer in asked:
+        try:
+            problem = ray.get(answer)
+        except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError,
+                ray.exceptions.WorkerCrashedError):  # it left the cluster since (an idle node scaled down)
+            log.info("node %s left the cluster during the output check", node)
+            continue
+        if problem:
+            raise ConfigError(problem)
 
 
 def as_uri(path: str) -> str:

@@ -153,7 +153,13 @@ if __name__ == "__main__":
             missed = None
         except ConfigError as err:
             missed = str(err)
-        print(json.dumps({"parsed_on_driver": parsed, "missed": missed}))
+        # A node that leaves between the listing and the check (an idle node scaled down) is passed over.
+        leaving = cluster.add_node(num_cpus=1)
+        listed = ray.nodes()
+        cluster.remove_node(leaving)
+        ray.nodes = lambda: listed
+        check_output_seen_everywhere("out", marker, "run-1")
+        print(json.dumps({"parsed_on_driver": parsed, "missed": missed, "listed": len(listed)}))
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -189,7 +195,7 @@ def test_local_input_is_read_on_the_driver_node_and_every_node_must_see_the_outp
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert lines, run.stderr[-3000:]
     result = json.loads(lines[-1])
-    assert result["parsed_on_driver"] == [True] * 4
+    assert result["parsed_on_driver"] == [True] * 4 and result["listed"] == 3
     assert "output: out is not visible from node" in result["missed"]
     assert "it holds another run's files" in result["missed"] and "s3://" in result["missed"]
 
