@@ -8,8 +8,9 @@ TrainConfig and an EvaluateConfig), written under one output folder:
     OUTPUT/eval-{base,tuned}-{benchmark}/   samples.jsonl, results.jsonl, summary.json
     OUTPUT/report.md, OUTPUT/manifest.json   the before/after table and where everything is
 
-Re-running the same command resumes: generate and train resume by themselves; a finished evaluation
-(its summary.json) is reused unless --overwrite.
+Re-running the same command resumes: generate and train resume by themselves (a finished train run is not
+redone); a finished evaluation (its summary.json) is reused unless --overwrite, for the tuned model only if
+it started after the model was written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from pipeline.config import LoopConfig, to_dict
@@ -58,10 +60,10 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
                                model=replace(cfg.evaluate.model, path=path))
             done = OutputDir(eval_cfg.output)
             previous = done.read_json("summary.json")
-            if previous is not None and not overwrite and previous.get("config") == to_dict(eval_cfg) and name == "base":
+            if not overwrite and _still_valid(previous, eval_cfg, trained if name == "tuned" else None):
                 log.info("loop: %s %s already evaluated in %s, reusing it", name, bench, eval_cfg.output)
                 summary = previous
-            else:  # the tuned model is re-evaluated on every run: it may have been retrained
+            else:
                 summary = evaluate(eval_cfg, overwrite=True, verbose=verbose)
             scores.setdefault(bench, {})[name] = summary
             seconds[f"evaluate {name} {bench}"] = round(time.perf_counter() - t0, 1)
@@ -80,6 +82,19 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     out.write_json("manifest.json", manifest)
     out.write_text("report.md", render_report(manifest))
     return manifest
+
+
+def _still_valid(summary: dict[str, Any] | None, cfg: Any, trained: dict[str, Any] | None) -> bool:
+    """A finished evaluation of this config, and, for the tuned model (`trained`: its train manifest), one that
+    started after that model was written: a model retrained since (or a manifest from before its
+    `finished_at` existed) is evaluated again."""
+    if summary is None or summary.get("config") != to_dict(cfg):
+        return False
+    if trained is None:
+        return True
+    if "finished_at" not in trained or "started_at" not in summary:
+        return False
+    return datetime.fromisoformat(summary["started_at"]) > datetime.fromisoformat(trained["finished_at"])
 
 
 def _scores(summary: dict[str, Any], output: str) -> dict[str, Any]:

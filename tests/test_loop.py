@@ -38,3 +38,17 @@ def test_a_bad_evalplus_file_fails_before_generate(tmp_path):
     with pytest.raises(ConfigError, match="benchmark.plus_path: cannot read"):
         run_loop(cfg)
     assert not (tmp_path / "loop").exists()
+
+
+def test_an_evaluation_is_reused_only_for_its_config_and_the_tuned_model_only_if_newer_than_it():
+    from pipeline.config import EvaluateConfig, to_dict
+    from pipeline.loop import _still_valid
+
+    cfg = EvaluateConfig(output="e")
+    done = {"config": to_dict(cfg), "started_at": "2026-12-06T05:10:34.115310+00:00"}
+    assert _still_valid(done, cfg, trained=None)  # the base model
+    assert not _still_valid(None, cfg, trained=None)
+    assert not _still_valid(done, EvaluateConfig(output="e", model={"path": "other"}), trained=None)
+    assert _still_valid(done, cfg, {"finished_at": "2026-12-06T05:10:33+00:00"})
+    assert not _still_valid(done, cfg, {"finished_at": "2026-12-06T05:11:00+00:00"})  # retrained since
+    assert not _still_valid(done, cfg, {})  # a train manifest that does not say when its model was written

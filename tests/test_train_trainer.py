@@ -120,6 +120,9 @@ def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_m
                                    "data.limit": 20, "data.max_length": 128}, schema=TrainConfig)
     try:
         m = train(cfg)
+        checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+        assert train(cfg) == m  # the same command again: the finished run is not redone
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == checkpoints
     finally:  # the copies in this node's model cache (the workers' default cache, as in a user's run)
         for copy in (cache_dir() / "models" / "remote").glob(f"{Path(tiny_model).name}-*"):
             shutil.rmtree(copy)

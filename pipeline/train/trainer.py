@@ -1,8 +1,9 @@
 """`inverse-instruct train`: build the data passes, run the Ray Train `TorchTrainer`, write the report.
 
 Output folder (local or s3://):
-  checkpoints/   Ray Train run (`checkpoint_*` folders, the checkpoint manager's state); re-running the
-                 same command resumes from the latest checkpoint (Ray Train V2 restores a run by name)
+  checkpoints/   Ray Train run (`step_*` folders, the checkpoint manager's state); re-running the same
+                 command resumes from the latest checkpoint (Ray Train V2 restores a run by name), and once
+                 the run has finished it is not redone: its manifest is returned (--overwrite starts afresh)
   model/         the final model: a plain Hugging Face folder (LoRA merged in), loadable by vLLM and transformers
   manifest.json  config, versions, data counts (rows dropped, by reason), steps, throughput, restarts
   report.md, loss.png
@@ -17,6 +18,7 @@ import logging
 import math
 import os
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,6 +48,10 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
 
     out = OutputDir(cfg.output)
     claim_output(out, cfg, overwrite)
+    finished = None if overwrite else finished_run(out)
+    if finished is not None:
+        log.info("train: %s holds this config's finished run; not redone (--overwrite starts afresh)", out.uri)
+        return finished
     start_ray(cfg.compute.ray_address, verbose)
     # Resolved here for the driver's tokenizer (and a missing path's error); the workers get `model.path` as
     # given and resolve it on their nodes, where `embedded` and `s3://` have their own node's cache.
@@ -135,6 +141,14 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     out.write_json("train_config.json", {"fingerprint": fingerprint, "config": keys})
 
 
+def finished_run(out: OutputDir) -> dict[str, Any] | None:
+    """The manifest of the run this folder finished, or None. After `claim_output` a folder holds only this
+    config's run; its manifest, model and report are written once training is over."""
+    if not (out.exists("model") and out.exists("report.md")):
+        return None
+    return out.read_json("manifest.json")
+
+
 def plan_phases(cfg: TrainConfig) -> list[tuple[str, ...]]:
     """The mix schedule, without the generated source when none is given."""
     have = {"original"} | ({"generated"} if cfg.data.generated else set())
@@ -210,4 +224,5 @@ def build_manifest(cfg: TrainConfig, prompt_format: str, phases: list[tuple[str,
         "sessions": state["sessions"],
         "resumed_from_step": [s["start_step"] for s in state["sessions"][1:]],
         "outputs": {"model": out.sub("model"), "checkpoints": out.sub(RUN_NAME), "report": out.sub("report.md")},
+        "finished_at": datetime.now(timezone.utc).isoformat(),  # the model's version (loop: is an evaluation newer)
     }
