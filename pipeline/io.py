@@ -121,6 +121,19 @@ def _selected_if_generate_output(path: str, path_key: str) -> str:
     return selected
 
 
+def generate_version(path: str) -> str | None:
+    """When the generate run that `path` is (or whose `selected/` it is) last finished its select stage, or None
+    for other data: pairs read from there change only when that stage runs again (a changed select config)."""
+    run = as_uri(path).rstrip("/")
+    run = run[: -len("/selected")] if run.endswith("/selected") else run
+    try:
+        fs, root = pafs.FileSystem.from_uri(run)
+        with fs.open_input_stream(f"{root}/_stages/select.json") as f:
+            return str(json.loads(f.read())["finished_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list[tuple[str, str]]:
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:

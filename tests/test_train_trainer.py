@@ -167,6 +167,28 @@ def test_an_output_folder_resumes_only_its_own_config(tmp_path):
     claim_output(out, changed, overwrite=False)  # now it is this config's folder
 
 
+def test_a_run_on_generated_pairs_resumes_only_while_their_generate_run_has_not_selected_again(tmp_path):
+    """The same config and data.generated path, but the generate run there selected its pairs again (a loop
+    rerun after a select config change): the finished training is of other pairs, so it is refused."""
+    from pipeline.config import ConfigError, TrainConfig, load_config
+    from pipeline.io import OutputDir
+    from pipeline.train.trainer import RUN_NAME, claim_output
+
+    marker = tmp_path / "generate" / "_stages" / "select.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"finished_at": "2026-12-06T05:00:00+00:00"}))
+    out = OutputDir(str(tmp_path / "train"))
+    cfg = load_config(CPU_CONFIG, {"data.generated": str(tmp_path / "generate" / "selected")}, schema=TrainConfig)
+    claim_output(out, cfg, overwrite=False)
+    (tmp_path / "train" / RUN_NAME).mkdir()
+    claim_output(out, cfg, overwrite=False)  # same pairs: resumable
+    marker.write_text(json.dumps({"finished_at": "2026-12-06T06:00:00+00:00"}))
+    with pytest.raises(ConfigError, match="other generated pairs"):
+        claim_output(out, cfg, overwrite=False)
+    claim_output(out, cfg, overwrite=True)
+    assert not (tmp_path / "train" / RUN_NAME).exists()
+
+
 @pytest.mark.slow
 def test_fsdp2_trains_the_same_steps_as_ddp(ray_local, tiny_model, generated, tmp_path):
     """FSDP2 (parameters sharded per decoder layer, gradients reduce-scattered) and DDP (replicated,

@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainConfig, to_dict
-from pipeline.io import OutputDir, read_corpus
+from pipeline.io import OutputDir, generate_version, read_corpus
 from pipeline.models import resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import LoopConfig, train_loop
@@ -131,14 +131,20 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     A folder whose run never reached training (say a mistyped data path failed it) is simply taken."""
     keys = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "compute", "checkpoint")}
     fingerprint = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    # Pairs from a generate output change under the same path when its select stage runs again (a loop
+    # rerun with another select config): the run trained on the old ones is not this one either.
+    version = generate_version(str(cfg.data.generated)) if cfg.data.generated else None
     previous = out.read_json("train_config.json")
-    if previous is not None and (overwrite or previous["fingerprint"] != fingerprint):
+    changed = previous is not None and (previous["fingerprint"] != fingerprint or
+                                        previous.get("generated_version", version) != version)
+    if previous is not None and (overwrite or changed):
         if not overwrite and (out.exists(RUN_NAME) or out.exists("model")):
             raise ConfigError(f"{out.uri} holds a training run of another config (data, model, lora or optim "
-                              f"changed); use a new --output, or --overwrite to start it afresh")
+                              f"changed) or of other generated pairs (the generate run of data.generated "
+                              f"selected them again since); use a new --output, or --overwrite to start it afresh")
         for name in (RUN_NAME, "model", "manifest.json", "report.md", "loss.png"):
             out.remove(name)
-    out.write_json("train_config.json", {"fingerprint": fingerprint, "config": keys})
+    out.write_json("train_config.json", {"fingerprint": fingerprint, "config": keys, "generated_version": version})
 
 
 def finished_run(out: OutputDir) -> dict[str, Any] | None:
