@@ -24,8 +24,8 @@ import pyarrow as pa
 
 from pipeline.config import GenerateConfig
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation
-from pipeline.engines import (Engine, EngineDead, SamplingSpec, close_owned_engine, create_engine,
-                              each_or_alone, restart_actor_if_engine_dead, yes_probability)
+from pipeline.engines import (Engine, EngineDead, SamplingSpec, close_owned_engine, context_limit_text,
+                              create_engine, each_or_alone, restart_actor_if_engine_dead, yes_probability)
 from pipeline.io import check_output_seen_here
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
@@ -69,6 +69,7 @@ class InverseInstruct:
                                  s.max_new_tokens, tuple(s.stop))
         self.seed = cfg.model.seed
         self.max_len = self.engine.max_model_len
+        self.limit_text = context_limit_text(cfg.model, self.engine)
         self.overlap = cfg.compute.overlap
         # Ray Data may run several batches in this actor at once (compute.concurrent_batches), and judge
         # prompts are built on the engine-loop thread: one tokenizer user at a time (HF fast tokenizers
@@ -103,7 +104,7 @@ class InverseInstruct:
         for row, prompt in enumerate(prompts):
             if len(prompt) >= self.max_len:
                 out["reason"][row] = "prompt too long"
-                out["detail"][row] = f"summarize prompt is {len(prompt)} tokens, model.max_model_len={self.max_len}"
+                out["detail"][row] = f"summarize prompt is {len(prompt)} tokens, {self.limit_text}"
             else:
                 todo.append(row)
         seeds = [self._seed(i) for i in ids]
@@ -144,7 +145,7 @@ class InverseInstruct:
             out["scores"][row] = row_scores
             if not found and out["reason"][row] is None:
                 out["reason"][row] = "prompt too long"
-                out["detail"][row] = f"no judge prompt fits model.max_model_len={self.max_len}"
+                out["detail"][row] = f"no judge prompt fits {self.limit_text}"
         return _scored_table(batch, out)
 
     def _step_by_step(self, prompts, seeds, todo, judge_prompts, out) -> dict[tuple[int, int], np.ndarray]:

@@ -128,3 +128,31 @@ def _convert_gguf(folder: Path) -> None:
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+# The config.json keys vLLM derives a model's context length from, the smallest present winning
+# (vllm/transformers_utils/model_arch_config_convertor.py), and the RoPE types whose `factor` vLLM does NOT
+# apply to it (their max_position_embeddings is already scaled).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def context_length(config: object) -> tuple[int, str] | None:
+    """A model's own context length from its (transformers) config, and the key it comes from, as vLLM
+    derives it; None if the config names none. Linear/dynamic RoPE scaling multiplies it (vLLM does too)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = [(getattr(text, key), key) for key in _CONTEXT_KEYS if isinstance(getattr(text, key, None), (int, float))]
+    if not found:
+        return None
+    length, key = min(found)
+    if getattr(text, "model_max_length", None):  # Command-R style: this key overrides the others
+        length, key = text.model_max_length, "model_max_length"
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    per_layer = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    for params in per_layer:
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in _PRESCALED_ROPE and params.get("factor") and "gemma3" not in getattr(text, "model_type", ""):
+            length, key = length * params["factor"], f"{key} x rope factor {params['factor']:g}"
+            break
+    return int(length), key

@@ -49,6 +49,22 @@ def hf_engine(tiny_model):
     return HFEngine(ModelConfig(engine="transformers", dtype="float32", max_model_len=512), tiny_model)
 
 
+def test_max_model_len_is_capped_at_the_models_own_context(tiny_model, caplog):
+    """A longer model.max_model_len (the 4,096 default, a 2,048-token model) would run past the positions the
+    model knows; vLLM refuses it. Both engines use the model's length then, and say so."""
+    from pipeline.engines import context_limit_text
+
+    cfg = ModelConfig(engine="transformers", dtype="float32", max_model_len=8192)
+    with caplog.at_level("WARNING"):
+        engine = HFEngine(cfg, tiny_model)  # its config.json: max_position_embeddings 4096
+    assert engine.max_model_len == 4096
+    assert "model.max_model_len=8192 is more than this model's context length, 4096" in caplog.text
+    assert context_limit_text(cfg, engine) == "the model's context length 4096 (model.max_model_len=8192 capped)"
+    shorter = ModelConfig(engine="transformers", dtype="float32", max_model_len=1024)
+    engine = HFEngine(shorter, tiny_model)
+    assert engine.max_model_len == 1024 and context_limit_text(shorter, engine) == "model.max_model_len=1024"
+
+
 def test_batched_logprobs_equal_one_prompt_at_a_time(hf_engine):
     tok = hf_engine.tokenizer
     prompts = [tok("def add(a, b): return a + b")["input_ids"], tok("x = 1")["input_ids"],

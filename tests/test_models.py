@@ -1,5 +1,5 @@
 """Model resolution: the embedded model's folder, a remote folder fetched, other paths as given, a missing
-local path named."""
+local path named; a model's own context length, as vLLM reads it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.models import embedded_model_dir, resolve_model_path
+from pipeline.models import context_length, embedded_model_dir, resolve_model_path
 
 
 def test_embedded_local_and_hub_paths(tmp_path, monkeypatch):
@@ -69,3 +69,36 @@ def test_a_remote_path_that_is_not_a_model_folder_is_named(tmp_path, monkeypatch
         resolve_model_path(f"file://{tmp_path}/data")
     with pytest.raises(ConfigError, match="model.path: cannot list nosuchscheme://"):
         resolve_model_path("nosuchscheme://bucket/model")
+
+
+def test_context_length_is_the_one_vllm_derives(tiny_model, tmp_path):
+    """The context length our engines cap `model.max_model_len` at is vLLM's own (vLLM refuses to start
+    above it): asked of vLLM's argument parsing (no engine start) for config shapes of real code models."""
+    pytest.importorskip("vllm")
+    from transformers import AutoConfig, GPT2Config, LlamaConfig, Qwen2Config
+    from vllm.engine.arg_utils import EngineArgs
+
+    shapes = {
+        "llama 2k (phi-1 / TinyLlama size)": LlamaConfig(max_position_embeddings=2048),
+        "linear RoPE x4 (deepseek-coder)": LlamaConfig(max_position_embeddings=16384,
+                                                       rope_scaling={"type": "linear", "factor": 4.0}),
+        "llama3 RoPE (already scaled)": LlamaConfig(max_position_embeddings=131072, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}),
+        "dynamic RoPE x2": Qwen2Config(max_position_embeddings=4096, rope_scaling={"type": "dynamic", "factor": 2.0}),
+        "gpt2 (n_positions)": GPT2Config(n_positions=1024),
+    }
+    for name, config in shapes.items():
+        folder = tmp_path / name.split()[0]
+        config.save_pretrained(folder)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(tiny_model) / file, folder / file)
+        vllm_length = EngineArgs(model=str(folder), max_model_len=None).create_model_config().max_model_len
+        assert context_length(AutoConfig.from_pretrained(folder))[0] == vllm_length, name
+    assert context_length(LlamaConfig(max_position_embeddings=2048)) == (2048, "max_position_embeddings")
+
+
+def test_a_config_without_a_length_key_has_no_context_length():
+    from transformers import PretrainedConfig
+
+    assert context_length(PretrainedConfig()) is None

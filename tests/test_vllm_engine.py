@@ -263,6 +263,20 @@ def test_engine_settings_reach_vllms_own_config():
     assert EngineArgs(**spec).create_engine_config().speculative_config.method == "ngram_gpu"
 
 
+def test_a_context_length_vllm_refuses_is_a_config_error_naming_the_key(tiny_model, monkeypatch):
+    """Our cap at the model's own length follows vLLM's rule (tests/test_models.py); should the two ever
+    differ, vLLM's refusal (raised before any engine process starts) names the config key, not a traceback."""
+    pytest.importorskip("vllm")
+    from pipeline.config import ConfigError
+    from pipeline.engines import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "usable_context", lambda cfg, _: cfg.max_model_len)  # the cap missed
+    cfg = ModelConfig(dtype="float32", max_model_len=8192)  # the tiny model's length is 4096
+    with pytest.raises(ConfigError, match=r"model.max_model_len=8192: vLLM will not run this model with it: "
+                                          r".*greater than the derived max_model_len"):
+        vllm_engine.VLLMEngine(cfg, tiny_model)
+
+
 def test_the_kv_cache_size_engines_share_is_exact(vllm_engine):
     """Engines sharing a GPU start with the byte count the first one measured (vllm_start.py): vLLM must turn
     those bytes back into exactly the blocks meant. Here a second engine gets a quarter of the first's."""

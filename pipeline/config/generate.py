@@ -57,7 +57,8 @@ class ModelConfig:
     """`chat` = the tokenizer's chat template; `magicoder` = the paper's raw @@ Instruction/@@ Response
     format; `auto` = chat if the tokenizer has a template."""
     max_model_len: int = Field(default=4096, ge=64)
-    """Context length; a prompt that does not fit is rejected with reason `prompt too long`."""
+    """Context length; a prompt that does not fit is rejected with reason `prompt too long`. At most the
+    model's own (config.json, as vLLM derives it): a longer value is capped there, with a warning."""
     seed: int = 0
     trust_remote_code: bool = False
     # vLLM engine knobs (ignored by the transformers engine).

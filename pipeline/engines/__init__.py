@@ -172,6 +172,27 @@ def resolve_dtype(cfg: ModelConfig, on_gpu: bool) -> str:
     return "bfloat16" if on_gpu else "float32"
 
 
+def usable_context(cfg: ModelConfig, model_config: Any) -> int:
+    """`model.max_model_len`, capped at the model's own context length (with a warning): beyond it vLLM
+    refuses to start, and transformers runs past the positions the model knows (RoPE: degraded text;
+    learned positions: an index error per long prompt)."""
+    from pipeline.models import context_length
+
+    own = context_length(model_config)
+    if own is None or own[0] >= cfg.max_model_len:
+        return cfg.max_model_len
+    log.warning("model.max_model_len=%d is more than this model's context length, %d (config.json %s): "
+                "prompts are limited to %d tokens", cfg.max_model_len, own[0], own[1], own[0])
+    return own[0]
+
+
+def context_limit_text(cfg: ModelConfig, engine: Engine) -> str:
+    """The limit a too-long prompt's reason names: the config key, or the model's length it was capped at."""
+    if engine.max_model_len == cfg.max_model_len:
+        return f"model.max_model_len={cfg.max_model_len}"
+    return f"the model's context length {engine.max_model_len} (model.max_model_len={cfg.max_model_len} capped)"
+
+
 def create_engine(cfg: ModelConfig, model_path: str) -> Engine:
     """The engine named by `cfg.engine`, loading the model at `model_path` once."""
     if cfg.engine == "vllm":

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ModelConfig
-from pipeline.engines import SamplingSpec, resolve_dtype
+from pipeline.engines import SamplingSpec, resolve_dtype, usable_context
 
 _JUDGE_BATCH = 16  # prompts per forward pass when reading first-token log-probabilities
 
@@ -21,7 +21,7 @@ class HFEngine:
             model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
         ).to(self.device)
         self.model.eval()
-        self.max_model_len = cfg.max_model_len
+        self.max_model_len = usable_context(cfg, self.model.config)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id or 0

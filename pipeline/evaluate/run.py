@@ -24,8 +24,8 @@ import ray
 
 from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation, job_ledger
-from pipeline.engines import (Engine, SamplingSpec, close_owned_engine, create_engine, each_or_alone,
-                              restart_actor_if_engine_dead)
+from pipeline.engines import (Engine, SamplingSpec, close_owned_engine, context_limit_text, create_engine,
+                              each_or_alone, restart_actor_if_engine_dead)
 from pipeline.evaluate import benchmarks
 from pipeline.evaluate.plus import load_plus_problems
 from pipeline.evaluate.sandbox import Outcome, run_program
@@ -59,6 +59,7 @@ class Completer:
         self.load_s: float | None = time.perf_counter() - t0  # reported once, with this actor's first batch
         self._lock = threading.Lock()
         self.prompts = PromptBuilder(self.engine.tokenizer, cfg.model.prompt_format)
+        self.limit_text = context_limit_text(cfg.model, self.engine)
         self.spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
                                  max_new_tokens=cfg.generation.max_new_tokens, stop=())
 
@@ -87,7 +88,7 @@ class Completer:
         todo = []
         for i, prompt in enumerate(prompts):
             if len(prompt) >= self.engine.max_model_len:
-                errors[i] = f"prompt too long: {len(prompt)} tokens, model.max_model_len={self.engine.max_model_len}"
+                errors[i] = f"prompt too long: {len(prompt)} tokens, {self.limit_text}"
             else:
                 todo.append(i)
         for i, text in self._complete(prompts, todo, errors).items():
