@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import GenerateConfig
+from pipeline.config import ConfigError, GenerateConfig
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation
 from pipeline.engines import (Engine, EngineDead, SamplingSpec, close_owned_engine, context_limit_text,
                               create_engine, each_or_alone, restart_actor_if_engine_dead, yes_probability)
@@ -59,7 +59,7 @@ class InverseInstruct:
         self.prompts = PromptBuilder(tokenizer, cfg.model.prompt_format, cfg.judge.code_first)
         yes, no = single_token_ids(tokenizer, cfg.judge.yes_words), single_token_ids(tokenizer, cfg.judge.no_words)
         if not yes or not no:
-            raise ValueError(
+            raise ConfigError(
                 f"judge.yes_words / judge.no_words: need at least one single-token spelling of each "
                 f"for this tokenizer (found yes={yes}, no={no})"
             )

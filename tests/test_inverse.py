@@ -7,7 +7,7 @@ import math
 import pyarrow as pa
 import pytest
 
-from pipeline.config import GenerateConfig, ModelConfig, SummarizeConfig
+from pipeline.config import ConfigError, GenerateConfig, ModelConfig, SummarizeConfig
 from pipeline.engines import EngineDead
 from pipeline.engines.hf_engine import HFEngine
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
@@ -89,7 +89,7 @@ def test_a_dead_engine_fails_the_batch_instead_of_rejecting_rows(cfg, engine):
 
 def test_judge_words_must_be_single_tokens(cfg, engine):
     bad = GenerateConfig(model=cfg.model, judge={"yes_words": ["Absolutely certainly"], "no_words": ["No"]})
-    with pytest.raises(ValueError, match="judge.yes_words"):
+    with pytest.raises(ConfigError, match="judge.yes_words"):
         InverseInstruct(bad, engine=engine)
 
 
@@ -97,7 +97,6 @@ def test_an_actor_on_a_node_that_does_not_see_the_output_stops_before_loading_it
     """What each engine actor of a run checks first: the stage's marker file (with the run's token) is visible
     on its node. A GPU node that joined the cluster without the driver's local output folder would otherwise
     score its batches and write them where no one reads them."""
-    from pipeline.config import ConfigError
 
     marker = tmp_path / "inverse.started.json"
     marker.write_text('{"token": "run-1"}')
