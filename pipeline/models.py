@@ -132,7 +132,8 @@ def _convert_gguf(folder: Path) -> None:
 
 # The config.json keys vLLM derives a model's context length from, the smallest present winning
 # (vllm/transformers_utils/model_arch_config_convertor.py), and the RoPE types whose `factor` vLLM does NOT
-# apply to it (their max_position_embeddings is already scaled).
+# apply to it (their max_position_embeddings is already scaled). vLLM 0.26 gives YaRN models original x factor,
+# which is no less: a cap read this way is one both versions accept.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
                  "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
 _PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
