@@ -169,28 +169,32 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # refused by the job itself, e.g. an output folder that holds another config
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001 - only an actor's ConfigError is handled; the rest is re-raised
-        refused = actor_config_error(err)
+    except Exception as err:  # noqa: BLE001 - only an actor's start errors are handled; the rest is re-raised
+        refused = actor_start_error(err)
         if refused is None:
             raise
         import ray
 
         ray.shutdown()  # first: the dead actor's last log lines would otherwise bury the message
-        print(f"error: {refused}", file=sys.stderr)
-        return 2
+        print(f"error: {refused[0]}", file=sys.stderr)
+        return refused[1]
 
 
-_CONFIG_ERROR_LINE = re.compile(r"^pipeline\.config\.ConfigError: (.+)$", re.MULTILINE)
+# Errors of an engine actor's start that end the command with one line, and its exit code.
+_ACTOR_START_ERRORS = {"pipeline.config.ConfigError": 2, "pipeline.engines.EngineStartError": 1}
+_ACTOR_START_ERROR_LINE = re.compile(
+    rf"^({'|'.join(map(re.escape, _ACTOR_START_ERRORS))}): (.+)$", re.MULTILINE)
 
 
-def actor_config_error(err: BaseException) -> str | None:
-    """The message of a ConfigError that an engine actor raised while starting (a model path missing on its node,
-    an output folder it does not see), or None. Ray hands the driver an error that keeps only the text of the
-    actor's traceback, whose last line names our class."""
+def actor_start_error(err: BaseException) -> tuple[str, int] | None:
+    """The message and exit code of an error that an engine actor raised while starting, or None: a ConfigError
+    (a model path missing on its node, an output folder it does not see: 2) or an engine that did not start
+    (its root cause: 1). Ray hands the driver an error that keeps only the text of the actor's traceback,
+    whose last line names our class."""
     if not getattr(err, "actor_init_failed", False):
         return None
-    found = _CONFIG_ERROR_LINE.findall(str(err))
-    return f"{found[-1]} (in an engine actor)" if found else None
+    found = _ACTOR_START_ERROR_LINE.findall(str(err))
+    return (f"{found[-1][1]} (in an engine actor)", _ACTOR_START_ERRORS[found[-1][0]]) if found else None
 
 
 # One function per subcommand: the validated config in, the job run, a short summary printed, an exit code.

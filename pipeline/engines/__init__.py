@@ -30,6 +30,10 @@ class SamplingSpec:
     stop: tuple[str, ...]
 
 
+class EngineStartError(RuntimeError):
+    """The engine did not start; the message carries the root cause that its own processes reported."""
+
+
 class EngineDead(RuntimeError):
     """The engine itself is gone (not one bad prompt): the actor must exit, and Ray restarts it
     (see `restart_actor_if_engine_dead`)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -27,7 +28,7 @@ import torch
 
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.config.generate import GPU_MEMORY_SHARE
-from pipeline.engines import SamplingSpec, resolve_dtype, usable_context
+from pipeline.engines import EngineStartError, SamplingSpec, resolve_dtype, usable_context
 from pipeline.engines.vllm_loop import Add, EngineLoop
 from pipeline.engines.vllm_start import start_sharing_gpu
 
@@ -61,6 +62,7 @@ class VLLMEngine:
         self.max_model_len = usable_context(cfg, AutoConfig.from_pretrained(
             model_path, trust_remote_code=cfg.trust_remote_code))
         kwargs = engine_kwargs(cfg, model_path, on_gpu, self.max_model_len)
+        stderr = _stderr_log()
         try:
             with _private_ipc_folder() as self._ipc_folder:
                 # engines sharing a GPU: the first measures its KV cache alone, the others reuse it (vllm_start.py)
@@ -72,6 +74,13 @@ class VLLMEngine:
             reason = "; ".join(e["msg"] for e in err.errors()) if hasattr(err, "errors") else str(err)
             raise ConfigError(f"model.max_model_len={self.max_model_len}: vLLM will not run this model with it: "
                               f"{reason.strip()[:800]}") from err
+        except RuntimeError as err:
+            # vLLM's own message only says "See root cause above": that is in its engine core's traceback
+            failed = "Engine core initialization failed" in str(err)
+            cause = _last_error_written(*stderr) if stderr and failed else None
+            if cause is None:
+                raise
+            raise EngineStartError(f"vLLM's engine did not start: {cause}") from err
         self.tokenizer = self.llm.get_tokenizer()
         self._params = SamplingParams
         self._final_only = RequestOutputKind.FINAL_ONLY  # no per-token outputs to process
@@ -235,6 +244,31 @@ def _private_ipc_folder(longest_path: int = 100) -> Iterator[str | None]:
         raise
     finally:
         os.environ.pop("VLLM_RPC_BASE_PATH", None)
+
+
+def _stderr_log() -> tuple[str, int] | None:
+    """This process's stderr and its size, if it is a file: a Ray worker's log, which vLLM's engine core
+    process inherits, so that an engine that fails to start writes its traceback there."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+        return (path, os.path.getsize(path)) if os.path.isfile(path) else None
+    except OSError:
+        return None
+
+
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
+def _last_error_written(path: str, since: int, most: int = 1 << 20) -> str | None:
+    """The last `SomeError: message` line written to `path` after byte `since` (at most `most` bytes read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(since, os.path.getsize(path) - most))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    found = _ERROR_LINE.findall(text)
+    return f"{found[-1][0]}: {found[-1][1].strip()[:800]}" if found else None
 
 
 def _running(process) -> bool:
