@@ -195,7 +195,10 @@ def test_ctrl_c_stops_the_job_on_the_cluster(cluster, tiny_model, tmp_path):
     proc = subprocess.Popen([str(VENV_BIN / "inverse-instruct"), "submit", "--address", cluster, "generate",
                              "--limit", "400", "--output", str(tmp_path / "long"), "--engine", "transformers",
                              "--model", tiny_model, "--set", "model.max_model_len=1024"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # as typed in a terminal: a shell's background job (CI started with `&`) inherits an
+                            # ignored SIGINT, and Python then leaves Ctrl-C ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         job_id = next(m.group(1) for line in proc.stderr if (m := re.search(r"submitted (\S+):", line)))
         stderr: list[str] = []  # read on: a full pipe would block the command's exit
@@ -207,7 +210,7 @@ def test_ctrl_c_stops_the_job_on_the_cluster(cluster, tiny_model, tmp_path):
         proc.send_signal(signal.SIGINT)
         try:
             assert proc.wait(timeout=60) == 130
-        except subprocess.TimeoutExpired:  # once in CI (2026-12-06), not reproduced since: say where it waits
+        except subprocess.TimeoutExpired:  # say where it waits
             stack = subprocess.run([str(VENV_BIN / "py-spy"), "dump", "--pid", str(proc.pid)],
                                    capture_output=True, text=True).stdout if (VENV_BIN / "py-spy").exists() else ""
             pytest.fail(f"no exit 60 s after Ctrl-C; its stack:\n{stack}\nits stderr:\n{''.join(stderr)[-3000:]}")
