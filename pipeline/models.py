@@ -157,3 +157,15 @@ def context_length(config: object) -> tuple[int, str] | None:
             length, key = length * params["factor"], f"{key} x rope factor {params['factor']:g}"
             break
     return int(length), key
+
+
+def cap_at_context(length: int, field: str, config: object) -> int:
+    """`length` (the config field `field`), capped at the model's own context length with a warning: past
+    it vLLM refuses to start, and transformers runs on positions the model never learned (RoPE: degraded
+    text; learned positions, as GPT-2's: an index error)."""
+    own = context_length(config)
+    if own is None or own[0] >= length:
+        return length
+    log.warning("%s=%d is more than this model's context length, %d (config.json %s): %d is used",
+                field, length, own[0], own[1], own[0])
+    return own[0]

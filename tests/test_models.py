@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.models import context_length, embedded_model_dir, resolve_model_path
+from pipeline.models import cap_at_context, context_length, embedded_model_dir, resolve_model_path
 
 
 def test_embedded_local_and_hub_paths(tmp_path, monkeypatch):
@@ -102,3 +102,11 @@ def test_a_config_without_a_length_key_has_no_context_length():
     from transformers import PretrainedConfig
 
     assert context_length(PretrainedConfig()) is None
+
+
+def test_a_length_past_the_models_context_is_capped_with_a_warning(caplog):
+    from transformers import GPT2Config
+
+    assert cap_at_context(128, "data.max_length", GPT2Config(n_positions=1024)) == 128
+    assert cap_at_context(2048, "data.max_length", GPT2Config(n_positions=1024)) == 1024
+    assert "data.max_length=2048 is more than this model's context length, 1024" in caplog.text

@@ -224,3 +224,28 @@ def test_fsdp2_trains_the_same_steps_as_ddp(ray_local, tiny_model, generated, tm
     base = dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters())
     assert not torch.equal(weights["fsdp2"]["model.layers.0.mlp.up_proj.weight"],
                            base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_a_max_length_past_the_models_positions_is_capped_at_them(ray_local, tiny_model, generated, tmp_path):
+    """A base model of 64 learned positions (GPT-2's kind) with data.max_length=128: training sequences are
+    cut at 64 (a warning says so; the manifest and report say 64). Before, every step past position 63 was
+    an IndexError in the embedding, and the run failed after its retries."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from pipeline.config import TrainConfig, load_config
+    from pipeline.train.trainer import train
+
+    base = tmp_path / "gpt2-64"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.save_pretrained(base)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=64,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(base)
+    cfg = load_config(CPU_CONFIG, {"model.path": str(base), "data.generated": str(generated),
+                                   "output": str(tmp_path / "out"), "lora.enabled": False, "data.limit": 12,
+                                   "data.max_length": 128, "optim.max_steps": 2}, schema=TrainConfig)
+    m = train(cfg)
+    assert m["steps"] == 2 and m["max_length"] == 64
+    assert m["data"]["original"]["by_status"].get("truncated", 0) > 0  # the corpus's rows are longer than 64
+    assert "max length 64" in (tmp_path / "out" / "report.md").read_text()

@@ -177,17 +177,10 @@ def resolve_dtype(cfg: ModelConfig, on_gpu: bool) -> str:
 
 
 def usable_context(cfg: ModelConfig, model_config: Any) -> int:
-    """`model.max_model_len`, capped at the model's own context length (with a warning): beyond it vLLM
-    refuses to start, and transformers runs past the positions the model knows (RoPE: degraded text;
-    learned positions: an index error per long prompt)."""
-    from pipeline.models import context_length
+    """`model.max_model_len`, capped at the model's own context length (see `models.cap_at_context`)."""
+    from pipeline.models import cap_at_context
 
-    own = context_length(model_config)
-    if own is None or own[0] >= cfg.max_model_len:
-        return cfg.max_model_len
-    log.warning("model.max_model_len=%d is more than this model's context length, %d (config.json %s): "
-                "prompts are limited to %d tokens", cfg.max_model_len, own[0], own[1], own[0])
-    return own[0]
+    return cap_at_context(cfg.max_model_len, "model.max_model_len", model_config)
 
 
 def context_limit_text(cfg: ModelConfig, engine: Engine) -> str:

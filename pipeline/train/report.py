@@ -33,7 +33,7 @@ def render_markdown(m: dict[str, Any], history: list[dict[str, Any]], has_png: b
         "",
         f"- model: `{m['model']}` ({'LoRA' if cfg['lora']['enabled'] else 'full fine-tune'}, "
         f"prompt format `{m['prompt_format']}`, packing {'on' if cfg['data']['packing'] else 'off'}, "
-        f"max length {cfg['data']['max_length']})",
+        f"max length {m['max_length']})",
         f"- schedule `{cfg['data']['schedule']}`: " + " → ".join(f"`{p}`" for p in m["phases"]),
         f"- workers: {cfg['compute']['num_workers']} ({'GPU' if cfg['compute']['use_gpu'] else 'CPU'}, "
         f"{cfg['compute']['strategy']}); global batch {cfg['optim']['global_batch_size']} sequences, "

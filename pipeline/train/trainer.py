@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainConfig, to_dict
 from pipeline.io import OutputDir, generate_version, read_corpus
-from pipeline.models import resolve_model_path
+from pipeline.models import cap_at_context, resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import LoopConfig, train_loop
 from pipeline.train.report import write_report
@@ -42,7 +42,7 @@ RUN_NAME = "checkpoints"
 
 
 def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from pipeline.generate import start_ray
 
@@ -58,6 +58,8 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     model_path = resolve_model_path(cfg.model.path, weights=False)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     prompt_format = resolve_prompt_format(tokenizer, cfg.model.prompt_format)
+    max_length = cap_at_context(cfg.data.max_length, "data.max_length", AutoConfig.from_pretrained(
+        model_path, trust_remote_code=cfg.model.trust_remote_code))
     phases = plan_phases(cfg)
     log.info("train: %d passes over the data: %s", len(phases), [" + ".join(p) for p in phases])
 
@@ -65,7 +67,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     counts: dict[str, dict[str, Any]] = {}
     with ordered_data():  # the datasets keep the setting; later jobs in this process do not inherit it
         for name in sorted({s for p in phases for s in p}):
-            data[name], counts[name] = prepare_source(cfg, name, prompt_format)
+            data[name], counts[name] = prepare_source(cfg, name, prompt_format, max_length)
             log.info("train: %s: %s", name, json.dumps(counts[name], sort_keys=True))
         world, micro = cfg.compute.num_workers, cfg.optim.micro_batch_size
         accum = cfg.optim.global_batch_size // (micro * world)
@@ -97,7 +99,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     )
     result = trainer.fit()
     state = _read_state(result.checkpoint)
-    manifest = build_manifest(cfg, prompt_format, phases, planned, counts, state, out)
+    manifest = build_manifest(cfg, prompt_format, max_length, phases, planned, counts, state, out)
     out.write_json("manifest.json", manifest)
     write_report(out, manifest, state["history"])
     return manifest
@@ -168,15 +170,17 @@ def source_input(cfg: TrainConfig, name: str) -> InputConfig:
     return InputConfig(path=cfg.data.original, limit=cfg.data.limit)
 
 
-def prepare_source(cfg: TrainConfig, name: str, prompt_format: str) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    """Read -> tokenize -> pack, in Ray Data, materialized once and reused by every pass over it."""
+def prepare_source(cfg: TrainConfig, name: str, prompt_format: str,
+                   max_length: int) -> tuple[ray.data.Dataset, dict[str, Any]]:
+    """Read -> tokenize -> pack (sequences of up to `max_length` tokens), in Ray Data, materialized once and
+    reused by every pass over it."""
     tokenized = read_corpus(source_input(cfg, name), path_key=f"data.{name}").map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=256,
-        fn_kwargs={"model_path": cfg.model.path, "prompt_format": prompt_format, "max_length": cfg.data.max_length,
+        fn_kwargs={"model_path": cfg.model.path, "prompt_format": prompt_format, "max_length": max_length,
                    "trust_remote_code": cfg.model.trust_remote_code}).materialize()
     statuses = {r["status"]: r["count()"] for r in tokenized.groupby("status").count().take_all()}
     packed = tokenized.map_batches(pack_batch, batch_format="pyarrow", batch_size=1024,
-                                   fn_kwargs={"max_length": cfg.data.max_length, "packing": cfg.data.packing}
+                                   fn_kwargs={"max_length": max_length, "packing": cfg.data.packing}
                                    ).materialize()
     rows = sum(statuses.values())
     kept = sum(n for s, n in statuses.items() if s in KEPT)
@@ -208,7 +212,7 @@ def _read_state(checkpoint: Any) -> dict[str, Any]:
         return json.loads((Path(folder) / "state.json").read_text())
 
 
-def build_manifest(cfg: TrainConfig, prompt_format: str, phases: list[tuple[str, ...]],
+def build_manifest(cfg: TrainConfig, prompt_format: str, max_length: int, phases: list[tuple[str, ...]],
                    planned: list[int], counts: dict[str, Any], state: dict[str, Any], out: OutputDir) -> dict[str, Any]:
     history = state["history"]
     seconds = state["seconds"]
@@ -217,6 +221,7 @@ def build_manifest(cfg: TrainConfig, prompt_format: str, phases: list[tuple[str,
         "versions": manifest_lib.versions(),
         "model": cfg.model.path,
         "prompt_format": prompt_format,
+        "max_length": max_length,  # data.max_length, or the model's context length if that is less
         "phases": [" + ".join(p) for p in phases],
         "planned_steps": planned,
         "steps": state["step"],
