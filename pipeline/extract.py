@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from pipeline.config import ExtractConfig
 
-# An opening fence: 3+ backticks at the start of a line (up to 3 spaces of indent, as in CommonMark),
-# then an optional info string whose first word is the language.
-_OPEN = re.compile(r"^[ ]{0,3}(?P<fence>`{3,})[ \t]*(?P<info>[^`\n]*)$", re.MULTILINE)
+# An opening fence: 3+ backticks at the start of a line, then an optional info string whose first word is
+# the language. Any indent: a fence inside a list item is indented by the item's ("   - Example:\n     ```").
+_OPEN = re.compile(r"^(?P<indent>[ ]*)(?P<fence>`{3,})[ \t]*(?P<info>[^`\n]*)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,21 @@ def extract_code(response: str, cfg: ExtractConfig) -> Snippet | Rejection:
 
 
 def first_fenced_block(text: str) -> Snippet | None:
-    """The first ``` block: its body and language tag; an unterminated fence runs to the end."""
+    """The first ``` block: its body and language tag; an unterminated fence runs to the end. As in
+    CommonMark, the body loses up to the opening fence's indent from each line, and the closing fence may
+    be indented up to 3 spaces more than the opening one (a ``` indented deeper is part of the code)."""
     opening = _OPEN.search(text)
     if opening is None:
         return None
-    fence = opening.group("fence")
+    fence, indent = opening.group("fence"), len(opening.group("indent"))
     info = opening.group("info").strip()
     lang = info.split()[0].lower() if info else ""
     body_start = opening.end() + 1  # skip the newline that ends the fence line
     # The closing fence: at least as many backticks, alone on its line (which may end in \r: CRLF text).
-    closing = re.compile(rf"^[ ]{{0,3}}`{{{len(fence)},}}[ \t\r]*$", re.MULTILINE).search(text, body_start)
+    closing = re.compile(rf"^[ ]{{0,{indent + 3}}}`{{{len(fence)},}}[ \t\r]*$", re.MULTILINE).search(text, body_start)
     body = text[body_start : closing.start() if closing else len(text)]
+    if indent:
+        body = re.sub(rf"(?m)^[ ]{{1,{indent}}}", "", body)
     return Snippet(code=body.rstrip(), lang=lang)
 
 

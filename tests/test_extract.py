@@ -95,7 +95,21 @@ def test_crlf_line_endings():
 
 def test_indented_fence_and_info_string():
     text = "Steps:\n   ```js title=app.js\n   let a = 1;\n   ```\n"
-    assert first_fenced_block(text) == Snippet(code="   let a = 1;", lang="js")
+    assert first_fenced_block(text) == Snippet(code="let a = 1;", lang="js")  # the fence's indent is not code
+
+
+def test_a_fence_inside_a_list_item_is_a_block():
+    """Indented by its list item (row 404 of the bundled corpus): the official script finds it too (any ```),
+    and before it was `no code` here."""
+    text = ("1. Use a comprehension:\n   - Example:\n     ```python\n     result = [\n         f(x)\n"
+            "         for x in xs\n     ]\n     ```\n")
+    assert first_fenced_block(text) == Snippet(code="result = [\n    f(x)\n    for x in xs\n]", lang="python")
+
+
+def test_a_fence_deeper_than_the_opening_one_is_code():
+    """A docstring showing Markdown: its ``` lines are indented more than 3 past the opening fence."""
+    text = '```python\ndef f():\n    """Usage:\n\n    ```\n    f()\n    ```\n    """\n```\nDone.'
+    assert first_fenced_block(text).code == 'def f():\n    """Usage:\n\n    ```\n    f()\n    ```\n    """'
 
 
 def test_dedup_key_ignores_trailing_whitespace_only():
