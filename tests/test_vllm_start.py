@@ -39,9 +39,11 @@ class Starts:
 
 
 @pytest.fixture
-def measured_kv(monkeypatch):
+def measured_kv(monkeypatch, tmp_path):
     monkeypatch.setattr(vllm_start, "kv_cache_bytes", lambda llm: KV_BYTES)
     monkeypatch.setattr(vllm_start, "_blocks", lambda llm: 7)
+    monkeypatch.setattr(vllm_start, "_lock_dir", lambda: tmp_path)
+    return tmp_path
 
 
 def start_three(make: Starts, devices: str, scope: str) -> list[dict]:
@@ -122,3 +124,16 @@ def test_a_kv_size_that_cannot_be_read_costs_the_others_their_shortcut_not_the_f
     make = Starts()
     started = start_three(make, "9", f"job-{uuid.uuid4().hex}")
     assert len(started) == 3 and not any("kv_cache_memory_bytes" in kwargs for _, _, kwargs in make.calls)
+
+
+def test_sizes_recorded_by_jobs_over_a_day_ago_are_deleted(measured_kv):
+    """One small file per job and GPU set: a long-lived node would collect them for ever."""
+    import os
+
+    stale, recent = (measured_kv / f"inverse-instruct-vllm-kv-gpu-0-{name}.json" for name in ("stale", "recent"))
+    for path, age_h in ((stale, 25), (recent, 23)):
+        path.write_text("{}")
+        os.utime(path, (time.time() - age_h * 3600,) * 2)
+    start_sharing_gpu(Starts(), {"model": "m"}, "0", f"job-{uuid.uuid4().hex}")
+    assert not stale.exists() and recent.exists()
+    assert len(list(measured_kv.glob("inverse-instruct-vllm-kv-gpu-0-*.json"))) == 2  # this job's and the recent one

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
+_KEEP_MEASURED_S = 24 * 3600
 
 
 def start_sharing_gpu(make: Callable[[dict], Any], kwargs: dict, devices: str | None = None,
@@ -95,12 +96,19 @@ def _measured_path(devices: str, kwargs: dict, scope: str) -> Path:
 
 
 def _write(path: Path, llm: Any) -> None:
-    """Leave the first engine's KV cache size for the others; on any trouble they measure for themselves."""
+    """Leave the first engine's KV cache size for the others; on any trouble they measure for themselves.
+    Sizes recorded by jobs over a day ago are deleted: a long-lived node would otherwise keep one per job."""
     try:
         if kv_bytes := kv_cache_bytes(llm):
             path.write_text(json.dumps({"kv_cache_memory_bytes": kv_bytes, "blocks": _blocks(llm)}))
     except Exception as error:  # noqa: BLE001 - another vLLM's config layout, a full disk: not worth a failed start
         log.warning("could not record the KV cache size for other engines on this GPU: %s", error)
+    for old in path.parent.glob("inverse-instruct-vllm-kv-gpu-*.json"):
+        try:  # a restart reading one meanwhile finds none and measures alone: slower, never wrong
+            if time.time() - old.stat().st_mtime > _KEEP_MEASURED_S:
+                old.unlink()
+        except OSError:
+            pass
 
 
 def _read(path: Path | None) -> tuple[int, int] | None:
