@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.config import (ConfigError, EvaluateConfig, GenerateConfig, LoopConfig, SubmitConfig, TrainConfig,
-                             load_config)
+                             load_config, parse_yaml)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: a wheel install has them too
 
@@ -145,7 +143,7 @@ def config_from_args(args: argparse.Namespace, schema: type = GenerateConfig,
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = parse_yaml(value)
     for flag, key in flags.items():
         value = getattr(args, flag, None)
         if value is not None:

@@ -20,6 +20,20 @@ def test_defaults_are_the_papers():
     assert cfg.select.min_score is None and cfg.extract.dedup
 
 
+def test_yes_and_no_are_words_not_booleans(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads Yes/No/on/off as booleans: `yes_words: [Yes]` was [True], an error
+    about a boolean the user never wrote. Boolean keys still take yes/no."""
+    path = tmp_path / "c.yaml"
+    path.write_text('judge:\n  yes_words: [Yes, " Yes", YES]\n  no_words: [No, " No"]\nextract:\n  dedup: no\n'
+                    "model:\n  trust_remote_code: yes\n")
+    cfg = load_config(path)
+    assert (cfg.judge.yes_words, cfg.judge.no_words) == (["Yes", " Yes", "YES"], ["No", " No"])
+    assert cfg.extract.dedup is False and cfg.model.trust_remote_code is True
+    args = build_parser().parse_args(["generate", "--set", "judge.no_words=[No, NO]", "--set", "extract.dedup=off"])
+    cfg = config_from_args(args)
+    assert cfg.judge.no_words == ["No", "NO"] and cfg.extract.dedup is False
+
+
 def test_unknown_key_names_the_key_and_suggests(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("summarize:\n  num_candidats: 4\n")

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ __all__ = [  # re-exported: callers import every section from pipeline.config
     "LoopConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RuntimeEnvConfig", "SandboxConfig", "SelectConfig",
     "SubmitConfig", "SummarizeConfig", "TrainCheckpointConfig", "TrainComputeConfig", "TrainConfig",
     "TrainDataConfig", "TrainModelConfig", "ConfigError", "load_config", "validate", "to_dict", "fingerprint",
-    "sections", "WORKFLOWS",
+    "sections", "WORKFLOWS", "parse_yaml",
 ]
 
 T = TypeVar("T")
@@ -42,6 +43,24 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config problem, with a message that names the key."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans (true/false only). YAML 1.1 also reads yes/no/on/off as
+    booleans, so `judge.yes_words: [Yes, " Yes"]` was [True, " Yes"]; boolean keys still take `yes`, as
+    the validation reads "yes"/"no"/"on"/"off" as booleans."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    """A config file or a `--set` value (YAML 1.2 booleans, see `_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -53,7 +72,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         text = Path(path).read_text(encoding="utf-8")
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = parse_yaml(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
