@@ -204,7 +204,12 @@ def run_generate(cfg: GenerateConfig, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     manifest = generate(cfg, overwrite=args.overwrite, verbose=args.verbose)
     print(summary(cfg.output, manifest, time.perf_counter() - t0))
-    return 0 if manifest["all_rows_accounted_for"] else 1
+    if not manifest["all_rows_accounted_for"]:
+        c = manifest["counts"]
+        print(f"error: {c['input']} input rows, but {c['selected']} selected + {c['rejected']} rejected "
+              f"(see {cfg.output}/manifest.json)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_loop(cfg: LoopConfig, args: argparse.Namespace) -> int:

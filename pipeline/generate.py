@@ -246,6 +246,11 @@ def _explode_candidates(batch: pa.Table) -> pa.Table:
 def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     # Read once: candidates/ and the decisions both come from it (one row per snippet, small).
     scored = ray.data.read_parquet(out.sub("_work/scored"), schema=SCORED_SCHEMA).materialize()
+    extra = scored.count() - len(out.read_ids("_work/scored"))
+    if extra:  # two runs wrote this --output at once (a job submitted twice): same config, same seeds
+        log.warning("select: %d snippets were scored more than once (another run wrote to %s at the same time?); "
+                    "one row per snippet is used", extra, out.uri)
+        scored = scored.groupby("id").map_groups(_first_row, batch_format="pyarrow").materialize()
     _write(scored.map_batches(_explode_candidates, batch_format="pyarrow"), out, "candidates", CANDIDATE_SCHEMA)
     decided = scored.map_batches(
         decide, fn_kwargs={"select": cfg.select, "decontaminate": cfg.decontaminate}, batch_format="numpy"
@@ -266,5 +271,10 @@ def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
         "rejected": len(reasons),
         "rejected_by_stage_and_reason": {key: int(n) for key, n in by_reason.items()},
         "ties": tie_summary(stats["tied"].tolist(), stats["distinct_scores"].tolist()),
+        "scored_more_than_once": extra,
     }
+
+
+def _first_row(group: pa.Table) -> pa.Table:
+    return group.slice(0, 1)
 

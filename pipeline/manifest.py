@@ -32,6 +32,7 @@ def build(cfg: GenerateConfig, stages: dict[str, dict[str, Any]]) -> dict[str, A
         "selected": sel["selected"],
         "rejected": sel["rejected"],
         "rejected_by_stage_and_reason": sel["rejected_by_stage_and_reason"],
+        "scored_more_than_once": sel.get("scored_more_than_once", 0),  # dropped; absent in older markers
     }
     return {
         "job": "generate",

@@ -111,6 +111,15 @@ def test_every_input_row_ends_in_exactly_one_place(ray_local, tiny_model, corpus
     assert strict["counts"]["rejected_by_stage_and_reason"].get("select/below min score", 0) >= 1
     assert strict["all_rows_accounted_for"]
 
+    # Snippets scored twice (two runs writing this folder at once, as a job submitted twice does) are
+    # selected once: before, each was selected (or rejected) twice and the run exited 1.
+    first = sorted((out / "_work" / "scored").glob("*.parquet"))[0]
+    (first.parent / f"again-{first.name}").write_bytes(first.read_bytes())
+    twice = generate(load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out,
+                                                          **{"select.min_score": 0.5})))
+    assert twice["all_rows_accounted_for"] and twice["counts"]["scored_more_than_once"] > 0
+    assert len(read(out / "candidates", ["id", "k"])) == twice["counts"]["candidates"] == len(candidates)
+
     # --overwrite redoes the changed stage and what follows, with the new config.
     more = generate(load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out,
                                                          **{"summarize.num_candidates": 4})), overwrite=True)
