@@ -246,7 +246,7 @@ def _explode_candidates(batch: pa.Table) -> pa.Table:
 def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     # Read once: candidates/ and the decisions both come from it (one row per snippet, small).
     scored = ray.data.read_parquet(out.sub("_work/scored"), schema=SCORED_SCHEMA).materialize()
-    extra = scored.count() - len(out.read_ids("_work/scored"))
+    extra = int(_columns(scored, ["id"])["id"].duplicated().sum())  # from memory: no second listing of the folder
     if extra:  # two runs wrote this --output at once (a job submitted twice): same config, same seeds
         log.warning("select: %d snippets were scored more than once (another run wrote to %s at the same time?); "
                     "one row per snippet is used", extra, out.uri)
