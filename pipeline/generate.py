@@ -34,6 +34,7 @@ from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, check_output_seen_everywhere, read_corpus
+from pipeline.models import model_version
 from pipeline.select import decide, tie_summary
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     out = OutputDir(cfg.output)
     start_ray(cfg.compute.ray_address, verbose)
     prints = fingerprint(cfg)
-    _forget_changed_stages(out, prints, overwrite)
+    model = model_version(cfg.model.path)
+    _forget_changed_stages(out, prints, overwrite, model)
     stats: dict[str, dict[str, Any]] = {}
     rerun = False  # once a stage runs, every later one reads new inputs and runs too
     for stage, run in (("preprocess", _preprocess), ("inverse", _inverse), ("select", _select)):
@@ -78,7 +80,8 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
         rerun = True
         # The token lets every node that writes results check it sees this folder (a local one on a cluster).
         token = uuid.uuid4().hex
-        out.write_json(f"_stages/{stage}.started.json", {"fingerprint": prints[stage], "token": token})
+        out.write_json(f"_stages/{stage}.started.json",
+                       {"fingerprint": prints[stage], "token": token, "model_version": model})
         check_output_seen_everywhere(cfg.output, out.sub(f"_stages/{stage}.started.json"), token)
         t0 = time.perf_counter()
         counts = run(cfg, out)
@@ -87,27 +90,35 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
                         "finished_at": datetime.now(timezone.utc).isoformat()}
         out.write_json(f"_stages/{stage}.json", stats[stage])
         log.info("stage %s: done in %.1fs %s", stage, stats[stage]["seconds"], counts)
-    result = manifest.build(cfg, stats)
+    result = manifest.build(cfg, stats, model)
     out.write_json("manifest.json", result)
     return result
 
 
-def _forget_changed_stages(out: OutputDir, prints: dict[str, str], overwrite: bool) -> None:
+def _forget_changed_stages(out: OutputDir, prints: dict[str, str], overwrite: bool, model: str | None) -> None:
     """Make stages whose recorded config differs from this one run again, from the first such stage on.
 
     Redoing `preprocess` or `inverse` discards the scored work of `inverse` (or would mix two configs in
     it), so that is refused unless `overwrite`, once `inverse` has started. Before that (a first run that
     failed in preprocess, say on a mistyped input path) the changed stages are simply redone, and so is
-    a change to `select`, which is cheap and deterministic.
+    a change to `select`, which is cheap and deterministic. Another model at the same `model.path` (see
+    `models.model_version`; unknown versions are not compared) counts as a changed `inverse` config.
     """
-    recorded = {s: (out.read_json(f"_stages/{s}.started.json") or {}).get("fingerprint") for s in STAGES}
+    started = {s: out.read_json(f"_stages/{s}.started.json") or {} for s in STAGES}
+    recorded = {s: started[s].get("fingerprint") for s in STAGES}
     changed = [s for s in STAGES if recorded[s] not in (None, prints[s])]
+    then = started["inverse"].get("model_version")
+    other_model = model is not None and then is not None and then != model
+    if other_model and "inverse" not in changed:
+        changed = sorted({*changed, "inverse"}, key=STAGES.index)
     if not changed:
         return
     expensive = [s for s in changed if s != "select"]
     if expensive and recorded["inverse"] is not None and not overwrite:
+        what = ("another model (the files at model.path changed since)" if other_model and expensive[0] == "inverse"
+                else "a different config")
         raise ConfigError(
-            f"output {out.uri} holds a `{expensive[0]}` stage made with a different config; use a new "
+            f"output {out.uri} holds a `{expensive[0]}` stage made with {what}; use a new "
             f"--output, or --overwrite to redo it (and what follows) with this config"
         )
     for stage in STAGES[STAGES.index(changed[0]):]:

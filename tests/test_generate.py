@@ -259,3 +259,29 @@ def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, 
     assert manifest["counts"]["selected"] == manifest["counts"]["snippets"] == manifest["counts"]["candidates"] == 0
     for name in ("snippets", "candidates", "selected", "rejected"):
         assert pads.dataset(str(out / name)).to_table().num_rows == (3 if name == "rejected" else 0)
+
+
+def test_another_model_at_the_same_path_is_not_mixed_into_a_run(ray_local, tiny_model, corpus_folder, tmp_path):
+    """A model trained again into the folder a run used: the same command does not hand back (or resume
+    with) the old model's scores; --overwrite redoes them. Before, the finished run was returned as is."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    cfg = load_config(overrides=tiny_overrides(str(model), corpus_folder, tmp_path / "run", **{"input.limit": 6}))
+    first = generate(cfg)
+    assert generate(cfg)["stages"] == first["stages"]  # same model: nothing redone
+    weights = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        for p in weights.parameters():
+            p.mul_(1.5)
+    weights.save_pretrained(model)
+    with pytest.raises(ConfigError, match=r"`inverse` stage made with another model"):
+        generate(cfg)
+    again = generate(cfg, overwrite=True)
+    assert again["stages"]["preprocess"] == first["stages"]["preprocess"]
+    assert again["stages"]["inverse"]["finished_at"] != first["stages"]["inverse"]["finished_at"]
+    assert again["all_rows_accounted_for"]

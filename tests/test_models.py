@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.models import cap_at_context, context_length, embedded_model_dir, resolve_model_path
+from pipeline.models import cap_at_context, context_length, embedded_model_dir, model_version, resolve_model_path
 
 
 def test_embedded_local_and_hub_paths(tmp_path, monkeypatch):
@@ -110,3 +110,30 @@ def test_a_length_past_the_models_context_is_capped_with_a_warning(caplog):
     assert cap_at_context(128, "data.max_length", GPT2Config(n_positions=1024)) == 128
     assert cap_at_context(2048, "data.max_length", GPT2Config(n_positions=1024)) == 1024
     assert "data.max_length=2048 is more than this model's context length, 1024" in caplog.text
+
+
+def test_model_version_tells_weights_trained_again_from_a_copy(tiny_model, tmp_path):
+    """Another model saved into the same folder (same names and sizes) has another version; a copy with
+    new file times has the same one; a hub id has none (nothing here to read)."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder, copy_function=shutil.copyfile)
+    before = model_version(str(folder))
+    assert before == model_version(tiny_model)  # a copy, file times not kept
+    os.utime(folder / "config.json", (1, 1))
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "download.metadata").write_text("etag, time")
+    assert model_version(str(folder)) == before  # file times and hidden entries are not the model
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(folder)
+    assert (folder / "model.safetensors").stat().st_size == (Path(tiny_model) / "model.safetensors").stat().st_size
+    assert model_version(str(folder)) != before
+    assert model_version("deepseek-ai/deepseek-coder-6.7b-instruct") is None
+    assert model_version("embedded").startswith("embedded ")
