@@ -167,6 +167,27 @@ def test_an_output_folder_resumes_only_its_own_config(tmp_path):
     claim_output(out, changed, overwrite=False)  # now it is this config's folder
 
 
+def test_a_base_model_trained_again_into_its_folder_is_another_run(tiny_model, tmp_path):
+    """Same config and model.path, other weights there: the finished run is not handed back."""
+    import shutil
+
+    from pipeline.config import ConfigError, TrainConfig, load_config
+    from pipeline.io import OutputDir
+    from pipeline.train.trainer import RUN_NAME, claim_output
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    out = OutputDir(str(tmp_path / "train"))
+    cfg = load_config(CPU_CONFIG, {"model.path": str(base)}, schema=TrainConfig)
+    claim_output(out, cfg, overwrite=False)
+    (tmp_path / "train" / RUN_NAME).mkdir()
+    claim_output(out, cfg, overwrite=False)  # same weights: resumable
+    weights = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(weights[:-4096] + bytes(4096))  # other values, same size
+    with pytest.raises(ConfigError, match="another model at model.path"):
+        claim_output(out, cfg, overwrite=False)
+
+
 def test_a_run_on_generated_pairs_resumes_only_while_their_generate_run_has_not_selected_again(tmp_path):
     """The same config and data.generated path, but the generate run there selected its pairs again (a loop
     rerun after a select config change): the finished training is of other pairs, so it is refused."""
