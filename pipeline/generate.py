@@ -34,7 +34,7 @@ from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, check_output_seen_everywhere, read_corpus
-from pipeline.models import model_version
+from pipeline.models import model_version, other_model
 from pipeline.select import decide, tie_summary
 
 log = logging.getLogger(__name__)
@@ -107,15 +107,14 @@ def _forget_changed_stages(out: OutputDir, prints: dict[str, str], overwrite: bo
     started = {s: out.read_json(f"_stages/{s}.started.json") or {} for s in STAGES}
     recorded = {s: started[s].get("fingerprint") for s in STAGES}
     changed = [s for s in STAGES if recorded[s] not in (None, prints[s])]
-    then = started["inverse"].get("model_version")
-    other_model = model is not None and then is not None and then != model
-    if other_model and "inverse" not in changed:
+    model_changed = other_model(started["inverse"].get("model_version"), model)
+    if model_changed and "inverse" not in changed:
         changed = sorted({*changed, "inverse"}, key=STAGES.index)
     if not changed:
         return
     expensive = [s for s in changed if s != "select"]
     if expensive and recorded["inverse"] is not None and not overwrite:
-        what = ("another model (the files at model.path changed since)" if other_model and expensive[0] == "inverse"
+        what = ("another model (the files at model.path changed since)" if model_changed and expensive[0] == "inverse"
                 else "a different config")
         raise ConfigError(
             f"output {out.uri} holds a `{expensive[0]}` stage made with {what}; use a new "

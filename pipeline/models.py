@@ -130,6 +130,11 @@ def model_version(path: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def other_model(recorded: str | None, now: str | None) -> bool:
+    """True if two `model_version` stamps name different models; an unknown one (None) is not compared."""
+    return recorded is not None and now is not None and recorded != now
+
+
 def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """`target`, built by `build(tmp)` into a temporary folder renamed into place, under a file lock: the
     actors of one node that ask at once build it once, and a build cut short leaves no half folder."""

@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainConfig, to_dict
 from pipeline.io import OutputDir, generate_version, read_corpus
-from pipeline.models import cap_at_context, model_version, resolve_model_path
+from pipeline.models import cap_at_context, model_version, other_model, resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import LoopConfig, train_loop
 from pipeline.train.report import write_report
@@ -138,10 +138,9 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     version = generate_version(str(cfg.data.generated)) if cfg.data.generated else None
     base = model_version(cfg.model.path)  # a base model trained again into its folder is another run too
     previous = out.read_json("train_config.json")
-    then = (previous or {}).get("model_version")
     changed = previous is not None and (previous["fingerprint"] != fingerprint or
                                         previous.get("generated_version", version) != version or
-                                        (base is not None and then is not None and then != base))
+                                        other_model(previous.get("model_version"), base))
     if previous is not None and (overwrite or changed):
         if not overwrite and (out.exists(RUN_NAME) or out.exists("model")):
             raise ConfigError(f"{out.uri} holds a training run of another config (data, model, lora or optim "
