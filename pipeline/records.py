@@ -203,15 +203,17 @@ def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, 
         return {**row, "reason": record.reason, "detail": record.detail}
     if not isinstance(record, dict):
         return {**row, "reason": "malformed row", "detail": f"expected an object, got {type(record).__name__}"}
-    if cfg.instruction_field not in record and isinstance(record.get(cfg.messages_field), list):
+    # A null field counts as absent: Parquet and HF datasets that merge corpora give every row every column, so
+    # a chat row has `instruction: null`, and a row of the `output` corpus has `response: null`.
+    if record.get(cfg.instruction_field) is None and isinstance(record.get(cfg.messages_field), list):
         record = _first_exchange(record[cfg.messages_field], cfg)
         if isinstance(record, Unreadable):
             return {**row, "reason": record.reason, "detail": record.detail}
-    response_field = next((f for f in cfg.response_fields if f in record), None)
+    response_field = next((f for f in cfg.response_fields if record.get(f) is not None), None)
     for field, name in ((cfg.instruction_field, "instruction"), (response_field, "response")):
-        if field is None or field not in record:
+        if field is None or record.get(field) is None:
             wanted = cfg.instruction_field if name == "instruction" else " or ".join(cfg.response_fields)
-            return {**row, "reason": f"missing field: {name}", "detail": f"no `{wanted}` in the row"}
+            return {**row, "reason": f"missing field: {name}", "detail": f"no `{wanted}` in the row (or null)"}
         value = record[field]
         if not isinstance(value, str):
             return {**row, "reason": f"not a string: {name}", "detail": f"`{field}` is {type(value).__name__}"}

@@ -73,6 +73,30 @@ def test_chat_rows_give_their_first_exchange(ray_local, tmp_path):
     assert [(r["instruction"], r["response"]) for r in rows_of(read_corpus(cfg))] == [("Add.", "x = 2")]
 
 
+def test_a_null_field_counts_as_absent(ray_local, tmp_path):
+    """Corpora merged into one Parquet table (or HF dataset) give every row every column: a chat row has a null
+    `instruction`, a row of the corpus that spelled its reply `output` has a null `response`. Those rows are
+    read from the fields they do have; a row whose only reply is null misses it."""
+    code = "```python\nx = 1\n```"
+    chat = [{"role": "user", "content": "Add."}, {"role": "assistant", "content": code}]
+    table = pa.table({
+        "instruction": ["Plain.", "Spelled output.", None, None, "Null reply."],
+        "response": [code, None, None, code, None],
+        "output": [None, code, None, None, None],
+        "messages": [None, None, chat, None, None],
+    })
+    pq.write_table(table, tmp_path / "merged.parquet")
+    got = [(r["instruction"], r["response"], r["reason"], r["detail"])
+           for r in rows_of(read_corpus(InputConfig(path=str(tmp_path / "merged.parquet"))))]
+    assert got == [
+        ("Plain.", code, None, None),
+        ("Spelled output.", code, None, None),
+        ("Add.", code, None, None),
+        (None, None, "missing field: instruction", "no `instruction` in the row (or null)"),
+        ("Null reply.", None, "missing field: response", "no `response or output` in the row (or null)"),
+    ]
+
+
 def test_windows_encodings_and_blank_lines(ray_local, tmp_path):
     """A UTF-8 byte-order mark (Notepad) and UTF-16 (PowerShell 5's `>`) are read; blank lines and CRLF
     endings are not rows; a UTF-16 file with a broken character is one row with the reason."""
