@@ -116,8 +116,9 @@ def _forget_changed_stages(out: OutputDir, prints: dict[str, str], overwrite: bo
     if expensive and recorded["inverse"] is not None and not overwrite:
         what = ("another model (the files at model.path changed since)" if model_changed and expensive[0] == "inverse"
                 else "a different config")
+        article = "an" if expensive[0] == "inverse" else "a"
         raise ConfigError(
-            f"output {out.uri} holds a `{expensive[0]}` stage made with {what}; use a new "
+            f"output {out.uri} holds {article} `{expensive[0]}` stage made with {what}; use a new "
             f"--output, or --overwrite to redo it (and what follows) with this config"
         )
     for stage in STAGES[STAGES.index(changed[0]):]:

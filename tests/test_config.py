@@ -61,6 +61,8 @@ def test_unknown_section_and_ill_typed_values_name_the_key():
         load_config(overrides={"model.engine": "tgi"})
     with pytest.raises(ConfigError, match=r"summarize\.temperature"):
         load_config(overrides={"summarize.temperature": -1})
+    with pytest.raises(ConfigError, match=r"judge\.no_words: List should have at least 1 item"):  # not after a model load
+        load_config(overrides={"judge.no_words": []})
 
 
 def test_cross_field_checks():

@@ -115,8 +115,8 @@ class SummarizeConfig:
 class JudgeConfig:
     """Step 3: P(Yes) / (P(Yes) + P(No)) from the first generated token."""
 
-    yes_words: list[str] = Field(default_factory=lambda: ["Yes", " Yes", "yes", " yes", "YES"])
-    no_words: list[str] = Field(default_factory=lambda: ["No", " No", "no", " no", "NO"])
+    yes_words: list[str] = Field(default_factory=lambda: ["Yes", " Yes", "yes", " yes", "YES"], min_length=1)
+    no_words: list[str] = Field(default_factory=lambda: ["No", " No", "no", " no", "NO"], min_length=1)
     """Spellings that count. Each that is ONE token of the tokenizer contributes its probability
     (log-sum-exp); spellings that split into several tokens cannot be a first token and are skipped."""
     code_first: bool = False
