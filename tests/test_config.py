@@ -63,6 +63,8 @@ def test_unknown_section_and_ill_typed_values_name_the_key():
         load_config(overrides={"summarize.temperature": -1})
     with pytest.raises(ConfigError, match=r"judge\.no_words: List should have at least 1 item"):  # not after a model load
         load_config(overrides={"judge.no_words": []})
+    with pytest.raises(ConfigError, match=r"input\.response_fields: List should have at least 1 item"):
+        load_config(overrides={"input.response_fields": []})
 
 
 def test_cross_field_checks():

@@ -22,7 +22,7 @@ class InputConfig:
     output folder stands for its `selected/` pairs."""
     format: Literal["auto", "json", "jsonl", "parquet", "hf"] = "auto"
     instruction_field: str = "instruction"
-    response_fields: list[str] = Field(default_factory=lambda: ["response", "output"])
+    response_fields: list[str] = Field(default_factory=lambda: ["response", "output"], min_length=1)
     """The first of these present in a row is the response (the two spellings of the real corpora)."""
     messages_field: str = "messages"
     """A row without `instruction_field` may hold a chat here instead: a list of `{role, content}` turns (also

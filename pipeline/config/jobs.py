@@ -78,7 +78,7 @@ class LoraConfig:
     r: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
 
 
 @dataclass(config=_STRICT)
