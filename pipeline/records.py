@@ -89,7 +89,7 @@ def _json_records(fs: pafs.FileSystem, path: str, lines: bool, cfg: InputConfig)
     if isinstance(data, Unreadable):
         yield data
     else:
-        yield from _jsonl_records(data) if lines else _json_array_records(data, cfg)
+        yield from _jsonl_records(data) if lines else _json_array_records(data, cfg, Path(path).name)
 
 
 def _jsonl_records(data: bytes) -> Iterator[Any]:
@@ -107,7 +107,7 @@ def _jsonl_records(data: bytes) -> Iterator[Any]:
             yield Unreadable("malformed json", f"line {number}: {err.msg} at column {err.colno}")
 
 
-def _json_array_records(data: bytes, cfg: InputConfig) -> Iterator[Any]:
+def _json_array_records(data: bytes, cfg: InputConfig, name: str = "") -> Iterator[Any]:
     text = data.decode("utf-8", "surrogateescape")
     try:
         parsed = json.loads(text)
@@ -122,7 +122,11 @@ def _json_array_records(data: bytes, cfg: InputConfig) -> Iterator[Any]:
     if one_record or (isinstance(parsed, dict) and not any(isinstance(v, list) for v in parsed.values())):
         parsed = [parsed]
     elif isinstance(parsed, dict):  # {"data": [...]}-style wrapper: take the first list
-        parsed = next(v for v in parsed.values() if isinstance(v, list))
+        lists = [key for key, value in parsed.items() if isinstance(value, list)]
+        if len(lists) > 1:  # {"train": [...], "test": [...]}: say which rows are read, and which are not
+            log.warning("%s: a JSON object of several lists: the rows of %r are read, those of %s are not",
+                        name, lists[0], ", ".join(map(repr, lists[1:])))
+        parsed = parsed[lists[0]]
     if not isinstance(parsed, list):
         yield Unreadable("malformed json", f"expected an array of objects, got {type(parsed).__name__}")
         return

@@ -97,6 +97,20 @@ def test_a_null_field_counts_as_absent(ray_local, tmp_path):
     ]
 
 
+def test_a_json_wrapper_object_gives_its_first_list(caplog):
+    """{"data": [...]} is read as its list; of several lists ({"train": ..., "test": ...}) the first is read,
+    and a warning names the ones that are not."""
+    from pipeline.records import _json_array_records
+
+    cfg = InputConfig()
+    assert list(_json_array_records(json.dumps({"version": 2, "data": [GOOD]}).encode(), cfg)) == [GOOD]
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        rows = list(_json_array_records(json.dumps({"train": [GOOD, GOOD], "test": [GOOD]}).encode(), cfg))
+    assert rows == [GOOD, GOOD]
+    assert "the rows of 'train' are read, those of 'test' are not" in caplog.text
+
+
 def test_windows_encodings_and_blank_lines(ray_local, tmp_path):
     """A UTF-8 byte-order mark (Notepad) and UTF-16 (PowerShell 5's `>`) are read; blank lines and CRLF
     endings are not rows; a UTF-16 file with a broken character is one row with the reason."""
