@@ -40,7 +40,7 @@ def test_saved_hf_dataset(ray_local, tmp_path):
 
     datasets.Dataset.from_list([GOOD, {"instruction": "x", "response": None}]).save_to_disk(tmp_path / "hf")
     rows = rows_of(read_corpus(InputConfig(path=str(tmp_path / "hf"))))
-    assert [r["reason"] for r in rows] == [None, "not a string: response"]
+    assert [r["reason"] for r in rows] == [None, "missing field: response"]  # null = absent
     assert rows[0]["source"] == "hf:train"
     datasets.DatasetDict({"test": datasets.Dataset.from_list([GOOD])}).save_to_disk(tmp_path / "hf_dict")
     with pytest.raises(ConfigError, match=r"input.path: .*hf_dict has no 'train' split \(it has \['test'\]; input.split"):

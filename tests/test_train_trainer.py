@@ -94,7 +94,7 @@ def test_killed_driver_resumes_from_its_checkpoint(tiny_model, generated, tmp_pa
     state = json.loads(sorted((out / "checkpoints").glob("step_*_final_*/state.json"))[-1].read_text())
     assert [h["step"] for h in state["history"]] == list(range(1, m["steps"] + 1))  # each step once
     assert f"start at step {resumed[0]} " in done.stdout + done.stderr
-    assert m["data"]["generated"]["by_status"]["read: not a string: response"] == 1
+    assert m["data"]["generated"]["by_status"]["read: missing field: response"] == 1  # its response is null
     # The steps trained twice (after the checkpoint, before the kill) saw the same rows both times:
     # the resumed run skipped exactly what the checkpoint had consumed.
     killed = _logged_steps(log)
@@ -270,3 +270,21 @@ def test_a_max_length_past_the_models_positions_is_capped_at_them(ray_local, tin
     assert m["steps"] == 2 and m["max_length"] == 64
     assert m["data"]["original"]["by_status"].get("truncated", 0) > 0  # the corpus's rows are longer than 64
     assert "max length 64" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_run_with_no_step_to_take_is_refused(ray_local, tiny_model, generated, tmp_path):
+    """Every row dropped (here: data.max_length below the prompts' length) leaves no training step. That run
+    ended "done" with the base model saved as the tuned one (0 steps, loss None, exit 0); now it is refused,
+    naming the sources, why their rows were dropped, and the keys that decide it."""
+    from pipeline.config import ConfigError, TrainConfig, load_config
+    from pipeline.train.trainer import train
+
+    cfg = load_config(CPU_CONFIG, {"model.path": tiny_model, "data.generated": str(generated),
+                                   "output": str(tmp_path / "out"), "data.limit": 8, "data.max_length": 16},
+                      schema=TrainConfig)
+    with pytest.raises(ConfigError, match=r"nothing to train: generated: 41 rows -> 0 sequences \(dropped: "
+                                          r"prompt too long \d+, read: missing field: response 1\); original: 8 rows "
+                                          r"-> 0 sequences \(dropped: prompt too long 8\); a pass needs at least 2 "
+                                          r"sequence\(s\), one per worker \(compute.num_workers=2\); data.max_length=16"):
+        train(cfg)
+    assert not (tmp_path / "out" / "model").exists()

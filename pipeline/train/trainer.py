@@ -72,6 +72,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
         world, micro = cfg.compute.num_workers, cfg.optim.micro_batch_size
         accum = cfg.optim.global_batch_size // (micro * world)
         planned = [steps_per_pass(sum(counts[s]["sequences"] for s in p), world, micro, accum) for p in phases]
+        check_plan(phases, planned, counts, world, max_length)
         datasets = {f"phase{i}": phase_dataset(cfg, i, [data[s] for s in p]) for i, p in enumerate(phases)}
     use_gpu = cfg.compute.use_gpu
     bf16 = cfg.compute.dtype == "bfloat16" or (cfg.compute.dtype == "auto" and use_gpu)
@@ -197,6 +198,28 @@ def phase_dataset(cfg: TrainConfig, index: int, parts: list[ray.data.Dataset]) -
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     # A seed per pass: every epoch sees its own order, and a resumed run sees the same one.
     return ds.random_shuffle(seed=cfg.data.seed + index) if cfg.data.shuffle else ds
+
+
+def check_plan(phases: list[tuple[str, ...]], planned: list[int], counts: dict[str, dict[str, Any]], world: int,
+               max_length: int) -> None:
+    """A run without a single step is refused: its "tuned" model would be the base model, handed on to an
+    evaluation as if trained. A pass without a step (a source whose rows were all dropped) is a warning.
+    A pass has no step when it has fewer sequences than workers: Ray Train's equal split gives each none."""
+    empty = [i for i, n in enumerate(planned) if n == 0]
+    if not empty:
+        return
+
+    def told(source: str) -> str:
+        c = counts[source]
+        dropped = ", ".join(f"{why} {n}" for why, n in sorted(c["by_status"].items()) if why not in KEPT)
+        return f"{source}: {c['rows']} rows -> {c['sequences']} sequences" + (f" (dropped: {dropped})" if dropped else "")
+
+    sources = sorted({s for i in empty for s in phases[i]})
+    why = (f"{'; '.join(told(s) for s in sources)}; a pass needs at least {world} sequence(s), one per worker "
+           f"(compute.num_workers={world}); data.max_length={max_length}")
+    if len(empty) == len(planned):
+        raise ConfigError(f"train: nothing to train: {why}")
+    log.warning("train: pass(es) %s have no step: %s", [" + ".join(phases[i]) for i in empty], why)
 
 
 def steps_per_pass(sequences: int, world: int, micro: int, accum: int) -> int:
