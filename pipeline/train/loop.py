@@ -100,11 +100,12 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder), model, optimizer, scheduler, lora=c.lora is not None)
     peak = c.peak_flops or _default_peak_flops(device)
-    if rank == 0 and state.sessions and state.sessions[-1]["world_size"] != world and state.phase_step:
+    before = state.sessions[-1].get("world_size", world) if state.sessions else world
+    if rank == 0 and before != world and state.phase_step:
         # Each worker's shard depends on the worker count: the skip-ahead below no longer lands on the rows
         # the checkpoint's run trained (the step count stays right).
         log.warning(f"[train] resuming pass {state.phase} at its step {state.phase_step} with {world} workers; the "
-                    f"checkpoint's run had {state.sessions[-1]['world_size']}: the rest of the pass comes from a new "
+                    f"checkpoint's run had {before}: the rest of the pass comes from a new "
                     f"split of its rows, so some of its rows may be trained twice and others not at all")
     state.sessions.append({"start_step": state.step, "start_phase": state.phase, "world_size": world,
                            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
