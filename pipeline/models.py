@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -78,7 +79,31 @@ def fetch_remote_model(uri: str, weights: bool = True) -> Path:
             pafs.copy_files(f"{root.rstrip('/')}/{name}", str(tmp / name), source_filesystem=fs,
                             destination_filesystem=pafs.LocalFileSystem())
 
-    return _build_once(target, copy)
+    fetched = _build_once(target, copy)
+    os.utime(fetched)  # its last use: what the pruning below goes by
+    _prune_unused(fetched.parent)
+    return fetched
+
+
+# A node's cached copies of remote models unused this long are deleted: every `train` into the same output is a
+# new version (13 GB for a 6.7B model), and a long-lived node would otherwise keep them all.
+REMOTE_CACHE_KEEP_S = 7 * 24 * 3600
+
+
+def _prune_unused(folder: Path) -> None:
+    """Delete the cached model copies in `folder` that no run has resolved for `REMOTE_CACHE_KEEP_S` (each
+    resolve touches its copy; a copy being built is a hidden `.tmp-*` folder, never one of these)."""
+    now = time.time()
+    for copy in folder.iterdir():
+        if copy.name.startswith(".") or not copy.is_dir():
+            continue
+        try:
+            stale = now - copy.stat().st_mtime > REMOTE_CACHE_KEEP_S
+        except FileNotFoundError:  # another process pruned it first
+            continue
+        if stale:
+            log.info("removing the cached model copy %s (unused for %d days)", copy, REMOTE_CACHE_KEEP_S // 86400)
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def _remote_listing(uri: str) -> tuple[object, str, list[tuple[str, int, int]]]:

@@ -3,13 +3,16 @@ local path named; a model's own context length, as vLLM reads it."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.models import cap_at_context, context_length, embedded_model_dir, model_version, resolve_model_path
+from pipeline.models import (REMOTE_CACHE_KEEP_S, cap_at_context, context_length, embedded_model_dir, model_version,
+                             resolve_model_path)
 
 
 def test_embedded_local_and_hub_paths(tmp_path, monkeypatch):
@@ -57,6 +60,12 @@ def test_a_remote_model_folder_is_fetched_once_per_version(tiny_model, tmp_path,
     assert light.name.endswith("-no-weights") and not list(light.glob("*.safetensors"))
     assert AutoTokenizer.from_pretrained(light)("def f(): pass")["input_ids"]
     assert not list((tmp_path / "cache" / "models" / "remote").glob(".tmp-*"))  # no half copies left
+
+    # A copy that no run has resolved for a week is deleted at the next fetch on this node; one in use stays.
+    week_ago = time.time() - REMOTE_CACHE_KEEP_S - 60
+    os.utime(first, (week_ago, week_ago))
+    assert resolve_model_path(f"file://{remote}") == second
+    assert not Path(first).exists() and Path(second).exists() and light.exists()
 
 
 def test_a_remote_path_that_is_not_a_model_folder_is_named(tmp_path, monkeypatch):
