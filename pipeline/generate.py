@@ -34,7 +34,7 @@ from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, check_output_seen_everywhere, read_corpus
-from pipeline.models import model_version, other_model
+from pipeline.models import check_model_here, model_version, other_model
 from pipeline.select import decide, tie_summary
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def _write(ds: ray.data.Dataset, out: OutputDir, name: str, schema: pa.Schema) -
 
 def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the manifest that it also writes to `output/manifest.json`."""
+    check_model_here(cfg.model.path)
     out = OutputDir(cfg.output)
     start_ray(cfg.compute.ray_address, verbose)
     prints = fingerprint(cfg)

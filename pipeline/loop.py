@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.config import EvaluateConfig, LoopConfig, to_dict
 from pipeline.io import OutputDir
+from pipeline.models import check_model_here
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     from pipeline.generate import generate
     from pipeline.train.trainer import train
 
+    for path in (cfg.generate.model.path, cfg.train.model.path):  # a broken base model fails now, not after generate
+        check_model_here(path)
     if cfg.evaluate.benchmark.plus_path is not None:  # a bad EvalPlus file fails now, not after training
         from pipeline.evaluate.plus import load_plus_problems
 

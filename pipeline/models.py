@@ -45,11 +45,37 @@ def resolve_model_path(path: str, weights: bool = True) -> str:
         return str(embedded_model_dir())
     if "://" in path:
         return str(fetch_remote_model(path, weights))
-    if looks_local(path):
-        if not Path(path).expanduser().exists():
-            raise ConfigError(f"model.path: {path} does not exist on {socket.gethostname()}")
-        return str(Path(path).expanduser()) if path.startswith("~") else path  # loaders do not expand `~`
+    local = Path(path).expanduser()
+    if looks_local(path) and not local.exists():
+        raise ConfigError(f"model.path: {path} does not exist on {socket.gethostname()}")
+    if local.is_dir():
+        check_model_files(path, [f.name for f in local.iterdir()])
+        return str(local) if path.startswith("~") else path  # loaders do not expand `~`
     return path
+
+
+def check_model_here(path: str) -> None:
+    """For a driver, before any engine actor starts: a local model folder it can see is checked now (one line,
+    not the actors' start tracebacks). A path it cannot see may exist on the cluster's nodes: checked there."""
+    local = Path(path).expanduser()
+    if path != EMBEDDED_MODEL and "://" not in path and local.is_dir():
+        check_model_files(path, [f.name for f in local.iterdir()])
+
+
+# Any of these at the top of a model folder is a tokenizer that transformers and vLLM can load (fast, sentencepiece,
+# BPE or WordPiece vocabularies, or a tokenizer_config.json naming one); also `*.tiktoken` files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def check_model_files(path: str, top_level: list[str]) -> None:
+    """A model folder (its top-level file names) that cannot be a loadable Hugging Face model is a ConfigError
+    naming what is missing, rather than hundreds of lines of loader tracebacks from every engine actor."""
+    if "config.json" not in top_level:
+        raise ConfigError(f"model.path: {path} has no config.json at its top (not a Hugging Face model folder)")
+    if not set(top_level) & set(TOKENIZER_FILES) and not any(n.endswith(".tiktoken") for n in top_level):
+        raise ConfigError(f"model.path: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)} or *.tiktoken): "
+                          f"save the tokenizer into the model folder too (tokenizer.save_pretrained)")
 
 
 def embedded_model_dir() -> Path:
@@ -118,8 +144,7 @@ def _remote_listing(uri: str) -> tuple[object, str, list[tuple[str, int, int]]]:
     files = sorted((f.path[len(root):].lstrip("/"), f.size, f.mtime_ns) for f in listing if f.type == pafs.FileType.File)
     if not files:
         raise ConfigError(f"model.path: {uri} does not exist or is empty")
-    if not any(name == "config.json" for name, _, _ in files):
-        raise ConfigError(f"model.path: {uri} has no config.json at its top (not a Hugging Face model folder)")
+    check_model_files(uri, [name for name, _, _ in files if "/" not in name])
     return fs, root, files
 
 

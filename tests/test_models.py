@@ -10,19 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.models import (REMOTE_CACHE_KEEP_S, cap_at_context, context_length, embedded_model_dir, model_version,
-                             resolve_model_path)
+from pipeline.models import (REMOTE_CACHE_KEEP_S, cap_at_context, check_model_here, context_length, embedded_model_dir,
+                             model_version, resolve_model_path)
 
 
-def test_embedded_local_and_hub_paths(tmp_path, monkeypatch):
+def test_embedded_local_and_hub_paths(tiny_model, tmp_path, monkeypatch):
     assert resolve_model_path("embedded") == str(embedded_model_dir())
     assert (embedded_model_dir() / "model.safetensors").exists()
-    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
-    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path(tiny_model) == tiny_model
+    monkeypatch.chdir(tiny_model)
     assert resolve_model_path("./") == "./"  # a relative path stays as given
     home = tmp_path / "home"
-    (home / "models" / "m").mkdir(parents=True)
+    shutil.copytree(tiny_model, home / "models" / "m")
     monkeypatch.setenv("HOME", str(home))
     assert resolve_model_path("~/models/m") == str(home / "models" / "m")
     assert resolve_model_path("deepseek-ai/deepseek-coder-6.7b-instruct") == "deepseek-ai/deepseek-coder-6.7b-instruct"
@@ -66,6 +67,32 @@ def test_a_remote_model_folder_is_fetched_once_per_version(tiny_model, tmp_path,
     os.utime(first, (week_ago, week_ago))
     assert resolve_model_path(f"file://{remote}") == second
     assert not Path(first).exists() and Path(second).exists() and light.exists()
+
+
+def test_a_model_folder_without_its_config_or_tokenizer_is_named(tiny_model, tmp_path, capsys):
+    """Weights copied without the tokenizer (or a folder of something else): one ConfigError naming what is
+    missing, instead of each engine actor's loader tracebacks (515 lines from `evaluate` before)."""
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model) / name, weights_only / name)
+    with pytest.raises(ConfigError, match=r"model.path: .*weights-only has no tokenizer \(tokenizer.json, "):
+        resolve_model_path(str(weights_only))
+    (weights_only / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"weights-only has no config.json at its top"):
+        resolve_model_path(str(weights_only))
+    # The drivers of generate, evaluate and loop check a folder they see before any actor starts: one line, exit 2.
+    shutil.copy(Path(tiny_model) / "config.json", weights_only / "config.json")
+    for job in ("generate", "evaluate"):
+        assert main([job, "--model", str(weights_only), "--output", str(tmp_path / job)]) == 2
+        assert "weights-only has no tokenizer" in capsys.readouterr().err
+        assert not (tmp_path / job).exists()  # before any work: no output folder made
+    for elsewhere in ("embedded", "/on/the/workers/only", "owner/hub-model", "s3://bucket/model"):
+        check_model_here(elsewhere)  # not seen here: checked where it is loaded
+    remote = tmp_path / "bucket" / "model"
+    shutil.copytree(tiny_model, remote, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*"))
+    with pytest.raises(ConfigError, match=r"model.path: file://.*/bucket/model has no tokenizer"):
+        resolve_model_path(f"file://{remote}")
 
 
 def test_a_remote_path_that_is_not_a_model_folder_is_named(tmp_path, monkeypatch):

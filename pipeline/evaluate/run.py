@@ -31,7 +31,7 @@ from pipeline.evaluate.plus import load_plus_problems
 from pipeline.evaluate.sandbox import Outcome, run_program
 from pipeline.io import OutputDir
 from pipeline.manifest import versions
-from pipeline.models import resolve_model_path
+from pipeline.models import check_model_here, resolve_model_path
 from pipeline.prompts import PromptBuilder
 
 FILES = ("samples.jsonl", "results.jsonl", "summary.json")
@@ -140,6 +140,7 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     """Run the job; returns the summary that it also writes to `output/summary.json`."""
     from pipeline.generate import actor_pool, start_ray  # the same Ray start-up and engine actors as generate
 
+    check_model_here(cfg.model.path)
     evalplus = cfg.benchmark.plus_path is not None
     if evalplus:  # EvalPlus' problems and test suites, which run longer than a few asserts
         problems = load_plus_problems(cfg.benchmark)
