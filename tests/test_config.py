@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser, config_from_args
-from pipeline.config import ConfigError, EvaluateConfig, fingerprint, load_config
+from pipeline.config import ConfigError, EvaluateConfig, TrainConfig, fingerprint, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +68,14 @@ def test_unknown_section_and_ill_typed_values_name_the_key():
 
 
 def test_cross_field_checks():
+    # Another run on data/ would read data/run1's Parquet outputs as corpus rows.
+    for inp, out in (("data", "data/run1"), ("./data/", "data"), ("s3://b/corpus", "s3://b/corpus/run1/")):
+        with pytest.raises(ConfigError, match=r"output \(.*\) is inside input.path"):
+            load_config(overrides={"input.path": inp, "output": out})
+    for inp, out in (("data/corpus.jsonl", "data/run1"), ("data", "data-runs/run1"), ("s3://b/corpus", "s3://b/runs")):
+        load_config(overrides={"input.path": inp, "output": out})
+    with pytest.raises(ConfigError, match=r"output \(data/train\) is inside data.original \(data\)"):
+        load_config(overrides={"data.original": "data", "output": "data/train"}, schema=TrainConfig)
     with pytest.raises(ConfigError, match="max_actors"):
         load_config(overrides={"compute.min_actors": 3, "compute.max_actors": 2})
     with pytest.raises(ConfigError, match=r"num_gpus_per_actor \(1\) must equal model.tensor_parallel_size \(2\)"):

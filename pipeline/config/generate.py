@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import ConfigDict, Field
@@ -216,3 +217,15 @@ class GenerateConfig:
         check_engine_gpus(self.model, self.compute)
         if self.extract.max_code_chars < self.extract.min_code_chars:
             raise ValueError("extract.max_code_chars must be >= extract.min_code_chars")
+        if self.input.path != EMBEDDED_CORPUS and inside(self.output, self.input.path):
+            raise ValueError(f"output ({self.output}) is inside input.path ({self.input.path}): another run on that "
+                             f"input would read this run's Parquet outputs as corpus rows; write the output elsewhere")
+
+
+def inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies under it (local paths resolved, URIs compared as written)."""
+    def normal(p: str) -> str:
+        return p.rstrip("/") if "://" in p else str(Path(p).expanduser().resolve())
+
+    path, folder = normal(path), normal(folder)
+    return path == folder or path.startswith(folder + "/")

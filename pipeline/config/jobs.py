@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from pipeline.config.generate import (_STRICT, EMBEDDED_CORPUS, EMBEDDED_MODEL, ComputeConfig, GenerateConfig,
-                                      ModelConfig, check_engine_gpus)
+                                      ModelConfig, check_engine_gpus, inside)
 
 
 @dataclass(config=_STRICT)
@@ -151,6 +151,9 @@ class TrainConfig:
         if self.optim.global_batch_size % per_step:
             raise ValueError(f"optim.global_batch_size must be a multiple of optim.micro_batch_size x "
                              f"compute.num_workers ({per_step})")
+        if self.data.original != EMBEDDED_CORPUS and inside(self.output, self.data.original):
+            raise ValueError(f"output ({self.output}) is inside data.original ({self.data.original}): another run on "
+                             f"that corpus would read this run's JSON files as rows; write the output elsewhere")
 
 
 @dataclass(config=_STRICT)
