@@ -57,9 +57,8 @@ def resolve_model_path(path: str, weights: bool = True) -> str:
 def check_model_here(path: str) -> None:
     """For a driver, before any engine actor starts: a local model folder it can see is checked now (one line,
     not the actors' start tracebacks). A path it cannot see may exist on the cluster's nodes: checked there."""
-    local = Path(path).expanduser()
-    if path != EMBEDDED_MODEL and "://" not in path and local.is_dir():
-        check_model_files(path, [f.name for f in local.iterdir()])
+    if path != EMBEDDED_MODEL and "://" not in path and Path(path).expanduser().is_dir():
+        resolve_model_path(path)  # for a local folder: only the check, nothing is fetched or built
 
 
 # Any of these at the top of a model folder is a tokenizer that transformers and vLLM can load (fast, sentencepiece,
@@ -106,8 +105,11 @@ def fetch_remote_model(uri: str, weights: bool = True) -> Path:
                             destination_filesystem=pafs.LocalFileSystem())
 
     fetched = _build_once(target, copy)
-    os.utime(fetched)  # its last use: what the pruning below goes by
-    _prune_unused(fetched.parent)
+    try:
+        os.utime(fetched)  # its last use: what the pruning below goes by
+        _prune_unused(fetched.parent)
+    except OSError as err:  # a cache this process may read but not change (shared, read-only): kept as it is
+        log.debug("cache of remote models not pruned: %s", err)
     return fetched
 
 
