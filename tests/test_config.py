@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser, config_from_args
-from pipeline.config import ConfigError, EvaluateConfig, TrainConfig, fingerprint, load_config
+from pipeline.config import ConfigError, EvaluateConfig, LoopConfig, TrainConfig, fingerprint, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,6 +76,8 @@ def test_cross_field_checks():
         load_config(overrides={"input.path": inp, "output": out})
     with pytest.raises(ConfigError, match=r"output \(data/train\) is inside data.original \(data\)"):
         load_config(overrides={"data.original": "data", "output": "data/train"}, schema=TrainConfig)
+    with pytest.raises(ConfigError, match=r"output \(data/loop\) is inside generate.input.path \(data\)"):
+        load_config(overrides={"generate.input.path": "data", "output": "data/loop"}, schema=LoopConfig)
     with pytest.raises(ConfigError, match="max_actors"):
         load_config(overrides={"compute.min_actors": 3, "compute.max_actors": 2})
     with pytest.raises(ConfigError, match=r"num_gpus_per_actor \(1\) must equal model.tensor_parallel_size \(2\)"):

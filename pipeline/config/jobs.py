@@ -231,3 +231,9 @@ class LoopConfig:
         if self.evaluate.benchmark.plus_path is not None and len(self.benchmarks) != 1:
             raise ValueError("evaluate.benchmark.plus_path: one EvalPlus file holds one benchmark; set `benchmarks` "
                              "to that one")
+        # The steps' outputs go under `output` (set at run time), which must not be inside what they read.
+        read = (("generate.input.path", self.generate.input.path), ("train.data.original", self.train.data.original))
+        for key, path in read:
+            if path != EMBEDDED_CORPUS and inside(self.output, path):
+                raise ValueError(f"output ({self.output}) is inside {key} ({path}): another run on that input would "
+                                 f"read this run's outputs as corpus rows; write the output elsewhere")
