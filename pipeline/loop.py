@@ -33,8 +33,7 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     from pipeline.generate import generate
     from pipeline.train.trainer import train
 
-    for path in (cfg.generate.model.path, cfg.train.model.path):  # a broken base model fails now, not after generate
-        check_model_here(path)
+    check_model_here(cfg.train.model.path)  # a broken base model fails now, not after generate (which checks its own)
     if cfg.evaluate.benchmark.plus_path is not None:  # a bad EvalPlus file fails now, not after training
         from pipeline.evaluate.plus import load_plus_problems
 
