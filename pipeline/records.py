@@ -160,7 +160,8 @@ def _parquet_rows(source: Any, cfg: InputConfig) -> Iterator[dict[str, Any] | Un
     """Records with only the columns a row is made of (a corpus may carry large ones it does not need)."""
     parquet = pq.ParquetFile(source)
     names = parquet.schema_arrow.names
-    wanted = [c for c in dict.fromkeys((cfg.instruction_field, *cfg.response_fields, cfg.messages_field)) if c in names]
+    fields = (cfg.instruction_field, *cfg.response_fields, cfg.messages_field, cfg.context_field)
+    wanted = [c for c in dict.fromkeys(fields) if c in names]
     if not wanted:  # no field of a row: each row is rejected as missing its instruction
         yield from ({} for _ in range(parquet.metadata.num_rows))
         return
@@ -225,7 +226,27 @@ def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, 
         if bad is not None:
             return {**row, "reason": "non-utf8 text", "detail": f"`{field}` has invalid UTF-8 at char {bad}"}
         row[name] = value
+    context = _context(record, cfg)
+    if isinstance(context, Unreadable):
+        return {**row, "instruction": None, "response": None, "reason": context.reason, "detail": context.detail}
+    if context:
+        row["instruction"] = f"{row['instruction'].rstrip()}\n\n{context}"
     return row
+
+
+def _context(record: dict[str, Any], cfg: InputConfig) -> str | Unreadable:
+    """The row's Alpaca-style `input` (part of its instruction), '' if it has none."""
+    field = cfg.context_field
+    if field is None or field in (cfg.instruction_field, *cfg.response_fields) or record.get(field) is None:
+        return ""
+    value = record[field]
+    if not isinstance(value, str):
+        return Unreadable("not a string: context", f"`{field}` is {type(value).__name__} (context_field: null "
+                                                   f"does not read it)")
+    bad = _first_surrogate(value)
+    if bad is not None:
+        return Unreadable("non-utf8 text", f"`{field}` has invalid UTF-8 at char {bad}")
+    return value.strip("\n") if value.strip() else ""
 
 
 _USER, _ASSISTANT = ("user", "human"), ("assistant", "gpt")

@@ -204,3 +204,27 @@ def test_a_corrupt_file_is_one_rejected_row_and_the_other_files_are_read(ray_loc
     assert by_file["d-damaged.parquet"] == [(i, None) for i in range(20)] + [(20, "unreadable file")]
     lost = next(r for r in rows if r["source"] == "d-damaged.parquet" and r["reason"])
     assert "rows from 20 on" in lost["detail"]
+
+
+def test_an_alpaca_input_field_is_part_of_the_instruction(ray_local, tmp_path):
+    """CodeAlpaca-style rows (`instruction`, `input`, `output`) keep the code to edit or the data to use in
+    `input`: read with the instruction after a blank line (training on the instruction alone would ask about
+    code that is not there). Empty or null: the instruction alone; not a string: rejected, saying how to turn
+    it off; an `input`/`output` corpus (input as the instruction field) is not read twice."""
+    code = "```python\nx = 1\n```"
+    rows = [{"instruction": "Fix the bug in this code.\n", "input": "def f(:\n    pass\n", "output": code},
+            {"instruction": "Print one.", "input": "", "output": code},
+            {"instruction": "Print two.", "input": None, "output": code},
+            {"instruction": "Print three.", "input": ["a"], "output": code}]
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [(r["instruction"], r["reason"], r["detail"]) for r in rows_of(read_corpus(InputConfig(path=str(path))))]
+    assert got == [("Fix the bug in this code.\n\ndef f(:\n    pass", None, None),
+                   ("Print one.", None, None), ("Print two.", None, None),
+                   (None, "not a string: context", "`input` is list (context_field: null does not read it)")]
+    off = rows_of(read_corpus(InputConfig(path=str(path), context_field=None)))
+    assert [r["instruction"] for r in off] == ["Fix the bug in this code.\n", "Print one.", "Print two.", "Print three."]
+
+    pq.write_table(pa.table({"input": ["Add one to x."], "output": [code]}), tmp_path / "io.parquet")
+    (row,) = rows_of(read_corpus(InputConfig(path=str(tmp_path / "io.parquet"), instruction_field="input")))
+    assert (row["instruction"], row["response"]) == ("Add one to x.", code)

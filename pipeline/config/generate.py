@@ -29,6 +29,10 @@ class InputConfig:
     """A row without `instruction_field` may hold a chat here instead: a list of `{role, content}` turns (also
     ShareGPT's `{from, value}`). Its first user turn is the instruction and the assistant turn right after it
     the response; later turns are not used."""
+    context_field: str | None = "input"
+    """Alpaca-style corpora (CodeAlpaca: `instruction`, `input`, `output`) keep part of the instruction here: the
+    code to edit, the data to use. A non-empty string in this field is appended to the instruction after a blank
+    line. Not read where it names the instruction or response field (an `input`/`output` corpus); null = never."""
     split: str = "train"
     """Split to read for a Hugging Face dataset."""
     limit: int | None = Field(default=None, ge=1)
