@@ -116,7 +116,7 @@ def _forget_changed_stages(out: OutputDir, prints: dict[str, str], overwrite: bo
     expensive = [s for s in changed if s != "select"]
     if expensive and recorded["inverse"] is not None and not overwrite:
         what = ("another model (the files at model.path changed since)" if model_changed and expensive[0] == "inverse"
-                else "a different config")
+                else "a different config (or by a version of inverse-instruct with other config keys)")
         article = "an" if expensive[0] == "inverse" else "a"
         raise ConfigError(
             f"output {out.uri} holds {article} `{expensive[0]}` stage made with {what}; use a new "

@@ -70,8 +70,9 @@ def _read_hf(name: str, cfg: InputConfig, path_key: str) -> ray.data.Dataset:
         hf = datasets.load_from_disk(name)
         if isinstance(hf, datasets.DatasetDict):
             if cfg.split not in hf:
+                split_key = f"{path_key.removesuffix('.path')}.split" if path_key.endswith(".path") else "input.split"
                 raise ConfigError(f"{path_key}: {name} has no {cfg.split!r} split (it has {sorted(hf)}; "
-                                  f"input.split chooses one)")
+                                  f"{split_key} chooses one)")
             hf = hf[cfg.split]
     else:
         try:

@@ -48,7 +48,8 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
 
     t0 = time.perf_counter()
     train_cfg = replace(cfg.train, output=out.sub("train"),
-                        data=replace(cfg.train.data, generated=f"{gen_cfg.output}/selected"))
+                        data=replace(cfg.train.data, generated=f"{gen_cfg.output}/selected",
+                                     original=cfg.train_original()))
     trained = train(train_cfg, verbose=verbose, overwrite=overwrite)
     seconds["train"] = round(time.perf_counter() - t0, 1)
 

@@ -159,3 +159,24 @@ def test_every_config_key_is_in_the_readme_reference():
         section, _, name = key.rpartition(".")
         # a row names `section.key`, or lists it after another key of its section: `section.a` / `b`
         assert f"`{key}`" in reference or (section and f"`{section}." in reference and f"`{name}`" in reference), key
+
+
+def test_train_reads_the_original_corpus_with_generates_input_options(tmp_path):
+    """`data.original` takes what `generate`'s input takes (an OSS-Instruct corpus spells its pair `problem` /
+    `solution`); a bare path stands for {path: ...}, and `--original` (data.original.path) keeps the fields."""
+    from pipeline.config import InputConfig, TrainConfig
+
+    (tmp_path / "t.yaml").write_text("data:\n  original:\n    path: a.jsonl\n    instruction_field: problem\n"
+                                     "    response_fields: [solution]\n")
+    cfg = load_config(tmp_path / "t.yaml", {"data.original.path": "b.jsonl", "data.limit": 5}, schema=TrainConfig)
+    assert cfg.data.original_input() == InputConfig(path="b.jsonl", instruction_field="problem",
+                                                    response_fields=["solution"], limit=5)
+    (tmp_path / "bare.yaml").write_text("data:\n  original: a.jsonl\n")
+    cfg = load_config(tmp_path / "bare.yaml", {"data.original.split": "test"}, schema=TrainConfig)
+    assert cfg.data.original_input() == InputConfig(path="a.jsonl", split="test")
+    assert load_config(schema=TrainConfig).data.original_input() == InputConfig()  # the bundled corpus
+    with pytest.raises(ConfigError, match=r"original.limit is not used: .* is data.limit"):
+        load_config(overrides={"data.original.limit": 3}, schema=TrainConfig)
+    with pytest.raises(ConfigError, match=r"data.original.instruction_fild: unknown config key \(did you mean"):
+        load_config(overrides={"data.original.instruction_fild": "x"}, schema=TrainConfig)
+

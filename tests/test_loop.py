@@ -52,3 +52,30 @@ def test_an_evaluation_is_reused_only_for_its_config_and_the_tuned_model_only_if
     assert _still_valid(done, cfg, {"finished_at": "2026-12-06T05:10:33+00:00"})
     assert not _still_valid(done, cfg, {"finished_at": "2026-12-06T05:11:00+00:00"})  # retrained since
     assert not _still_valid(done, cfg, {})  # a train manifest that does not say when its model was written
+
+
+def test_train_reads_the_corpus_generate_read_unless_given_its_own(tiny_model, tmp_path, monkeypatch):
+    """The paper fine-tunes on the generated pairs and the ORIGINAL corpus, the one whose responses were
+    summarized: a loop on another corpus (with its own field names) trained on the bundled one."""
+    import pipeline.generate
+    import pipeline.train.trainer
+    from pipeline.config import InputConfig
+
+    seen = {}
+
+    def fake_train(cfg, **_):
+        seen["original"] = cfg.data.original_input()
+        raise KeyboardInterrupt  # stop the loop there
+
+    monkeypatch.setattr(pipeline.generate, "generate", lambda cfg, **_: {"counts": {}})
+    monkeypatch.setattr(pipeline.train.trainer, "train", fake_train)
+    corpus = {"generate.input.path": str(tmp_path / "oss.jsonl"), "generate.input.instruction_field": "problem",
+              "generate.input.response_fields": ["solution"], "generate.input.limit": 40,
+              "train.model.path": str(tiny_model), "train.data.limit": 16, "output": str(tmp_path / "loop")}
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(load_config(overrides=corpus, schema=LoopConfig))
+    assert seen["original"] == InputConfig(path=str(tmp_path / "oss.jsonl"), instruction_field="problem",
+                                           response_fields=["solution"], limit=16)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(load_config(overrides={**corpus, "train.data.original": "embedded"}, schema=LoopConfig))
+    assert seen["original"] == InputConfig(path="embedded", limit=16)

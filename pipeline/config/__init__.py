@@ -127,7 +127,11 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
     for key in parents:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:
+            node[key] = {}
+        elif isinstance(node[key], str):  # a section given as a bare path (`data.original: corpus.jsonl`)
+            node[key] = {"path": node[key]}
+        node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: `{key}` is a value, not a section")
     node[leaf] = value
@@ -163,9 +167,10 @@ def _known_keys(schema: type, loc: tuple) -> list[str]:
 
 
 def _section_class(annotation: Any) -> type | None:
-    """The dataclass a field annotation (possibly a string, under `from __future__ import annotations`) names."""
+    """The dataclass a field annotation (possibly a string, under `from __future__ import annotations`;
+    possibly `X | None`) names."""
     if isinstance(annotation, str):
-        annotation = globals().get(annotation)
+        annotation = globals().get(annotation.removesuffix(" | None"))
     return annotation if dataclasses.is_dataclass(annotation) else None
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import replace
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
 
 from pipeline.config.generate import (_STRICT, EMBEDDED_CORPUS, EMBEDDED_MODEL, ComputeConfig, GenerateConfig,
-                                      ModelConfig, check_engine_gpus, inside)
+                                      InputConfig, ModelConfig, check_engine_gpus, inside)
 
 
 @dataclass(config=_STRICT)
@@ -42,8 +43,11 @@ class TrainDataConfig:
     generated: str | None = None
     """`selected/` folder written by `generate` (Parquet with instruction/response), or that generate output
     folder itself (its `selected/` is read). None = none."""
-    original: str = EMBEDDED_CORPUS
-    """The original instruction corpus (any reader input: file, folder, s3://, HF dataset; `embedded`)."""
+    original: InputConfig | None = None
+    """The original instruction corpus, read as `generate` reads its input: `path` (file, folder, s3://, HF
+    dataset, `embedded`) and the same field options (`instruction_field`, `response_fields`, ...); a bare path
+    stands for `{path: ...}`. None = the bundled corpus, and in a loop the corpus `generate` read (its path and
+    fields). Its row limit is `data.limit`."""
     schedule: Literal["generated-then-original", "mixed", "original-then-generated"] = "generated-then-original"
     """Default = the paper's best (Table 17): the generated pairs first, then the original corpus.
     `mixed` = epoch e shuffles together every source that still has epochs left at e."""
@@ -58,6 +62,19 @@ class TrainDataConfig:
     False = one example per sequence, padded per batch (the baseline)."""
     shuffle: bool = True
     seed: int = 0
+
+    @field_validator("original", mode="before")
+    @classmethod
+    def _path_alone(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    def __post_init__(self) -> None:
+        if self.original is not None and self.original.limit is not None:
+            raise ValueError("original.limit is not used: the original corpus's row limit is data.limit")
+
+    def original_input(self) -> InputConfig:
+        """How the original corpus is read (`data.original` with `data.limit`)."""
+        return replace(self.original or InputConfig(), limit=self.limit)
 
 
 @dataclass(config=_STRICT)
@@ -151,8 +168,9 @@ class TrainConfig:
         if self.optim.global_batch_size % per_step:
             raise ValueError(f"optim.global_batch_size must be a multiple of optim.micro_batch_size x "
                              f"compute.num_workers ({per_step})")
-        if self.data.original != EMBEDDED_CORPUS and inside(self.output, self.data.original):
-            raise ValueError(f"output ({self.output}) is inside data.original ({self.data.original}): another run on "
+        original = self.data.original_input().path
+        if original != EMBEDDED_CORPUS and inside(self.output, original):
+            raise ValueError(f"output ({self.output}) is inside data.original ({original}): another run on "
                              f"that corpus would read this run's JSON files as rows; write the output elsewhere")
 
 
@@ -232,8 +250,14 @@ class LoopConfig:
             raise ValueError("evaluate.benchmark.plus_path: one EvalPlus file holds one benchmark; set `benchmarks` "
                              "to that one")
         # The steps' outputs go under `output` (set at run time), which must not be inside what they read.
-        read = (("generate.input.path", self.generate.input.path), ("train.data.original", self.train.data.original))
+        read = (("generate.input.path", self.generate.input.path),
+                ("train.data.original", self.train_original().path))
         for key, path in read:
             if path != EMBEDDED_CORPUS and inside(self.output, path):
                 raise ValueError(f"output ({self.output}) is inside {key} ({path}): another run on that input would "
                                  f"read this run's outputs as corpus rows; write the output elsewhere")
+
+    def train_original(self) -> InputConfig:
+        """train's `data.original`; unset, the corpus `generate` read, its path and fields (the paper trains on
+        the corpus whose responses were summarized). Its row limit stays train's `data.limit`."""
+        return self.train.data.original or replace(self.generate.input, limit=None)

@@ -145,7 +145,7 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     if previous is not None and (overwrite or changed):
         if not overwrite and (out.exists(RUN_NAME) or out.exists("model")):
             raise ConfigError(f"{out.uri} holds a training run of another config (data, model, lora or optim "
-                              f"changed), of another model at model.path (its files changed since), or of other "
+                              f"changed, or keys of another inverse-instruct version), of another model at model.path (its files changed since), or of other "
                               f"generated pairs (the generate run of data.generated selected them again since); "
                               f"use a new --output, or --overwrite to start it afresh")
         for name in (RUN_NAME, "model", "manifest.json", "report.md", "loss.png"):
@@ -172,14 +172,14 @@ def plan_phases(cfg: TrainConfig) -> list[tuple[str, ...]]:
 def source_input(cfg: TrainConfig, name: str) -> InputConfig:
     if name == "generated":  # `selected/` of generate: Parquet with instruction/response columns
         return InputConfig(path=str(cfg.data.generated), response_fields=["response"])  # all of them: the point
-    return InputConfig(path=cfg.data.original, limit=cfg.data.limit)
+    return cfg.data.original_input()
 
 
 def prepare_source(cfg: TrainConfig, name: str, prompt_format: str,
                    max_length: int) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """Read -> tokenize -> pack (sequences of up to `max_length` tokens), in Ray Data, materialized once and
     reused by every pass over it."""
-    tokenized = read_corpus(source_input(cfg, name), path_key=f"data.{name}").map_batches(
+    tokenized = read_corpus(source_input(cfg, name), path_key="data.original.path" if name == "original" else "data.generated").map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=256,
         fn_kwargs={"model_path": cfg.model.path, "prompt_format": prompt_format, "max_length": max_length,
                    "trust_remote_code": cfg.model.trust_remote_code}).materialize()
@@ -212,7 +212,10 @@ def check_plan(phases: list[tuple[str, ...]], planned: list[int], counts: dict[s
     def told(source: str) -> str:
         c = counts[source]
         dropped = ", ".join(f"{why} {n}" for why, n in sorted(c["by_status"].items()) if why not in KEPT)
-        return f"{source}: {c['rows']} rows -> {c['sequences']} sequences" + (f" (dropped: {dropped})" if dropped else "")
+        hint = (" (its rows name their fields otherwise? data.original.instruction_field / response_fields / "
+                "messages_field)" if source == "original" and "read: missing field" in dropped else "")
+        return (f"{source}: {c['rows']} rows -> {c['sequences']} sequences" + (f" (dropped: {dropped})" if dropped else "")
+                + hint)
 
     sources = sorted({s for i in empty for s in phases[i]})
     why = (f"{'; '.join(told(s) for s in sources)}; a pass needs at least {world} sequence(s), one per worker "
