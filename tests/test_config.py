@@ -174,6 +174,9 @@ def test_train_reads_the_original_corpus_with_generates_input_options(tmp_path):
     (tmp_path / "bare.yaml").write_text("data:\n  original: a.jsonl\n")
     cfg = load_config(tmp_path / "bare.yaml", {"data.original.split": "test"}, schema=TrainConfig)
     assert cfg.data.original_input() == InputConfig(path="a.jsonl", split="test")
+    keys_then_path = {"data.original.instruction_field": "problem", "data.original": "c.jsonl"}
+    assert load_config(overrides=keys_then_path, schema=TrainConfig).data.original == InputConfig(
+        path="c.jsonl", instruction_field="problem")
     assert load_config(schema=TrainConfig).data.original_input() == InputConfig()  # the bundled corpus
     with pytest.raises(ConfigError, match=r"original.limit is not used: .* is data.limit"):
         load_config(overrides={"data.original.limit": 3}, schema=TrainConfig)

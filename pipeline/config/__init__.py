@@ -124,6 +124,8 @@ def _hash(obj: Any) -> str:
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in the raw config. A section that can be given as a bare path (`data.original`) is one
+    wherever it is given so: its keys and its path are merged, in whichever order the file and flags set them."""
     *parents, leaf = dotted.split(".")
     node = raw
     for key in parents:
@@ -134,7 +136,10 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: `{key}` is a value, not a section")
-    node[leaf] = value
+    if isinstance(node.get(leaf), dict) and isinstance(value, str):
+        node[leaf]["path"] = value  # a bare path for a section already given keys: keep them
+    else:
+        node[leaf] = value
 
 
 def _explain(err: ValidationError, schema: type) -> str:
