@@ -1,11 +1,12 @@
-"""The whole INVERSE-INSTRUCT loop as one job: generate -> train -> evaluate base and tuned -> report.
+"""The whole INVERSE-INSTRUCT loop as one job: generate -> train -> evaluate the models -> report.
 
 Each step is the library's own job with its own config section (LoopConfig = a GenerateConfig, a
 TrainConfig and an EvaluateConfig), written under one output folder:
 
     OUTPUT/generate/   the data factory's outputs (selected/ feeds train)
     OUTPUT/train/      checkpoints, the tuned model (model/), report.md + loss.png
-    OUTPUT/eval-{base,tuned}-{benchmark}/   samples.jsonl, results.jsonl, summary.json
+    OUTPUT/eval-{base,generator,tuned}-{benchmark}/   samples.jsonl, results.jsonl, summary.json (`generator`:
+                       generate's model, where it is not train's base model; see `loop_models`)
     OUTPUT/report.md, OUTPUT/manifest.json   the before/after table and where everything is
 
 Re-running the same command resumes: generate and train resume by themselves (a finished train run is not
@@ -53,7 +54,7 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     trained = train(train_cfg, verbose=verbose, overwrite=overwrite)
     seconds["train"] = round(time.perf_counter() - t0, 1)
 
-    models = {"base": cfg.train.model.path, "tuned": trained["outputs"]["model"]}
+    models = loop_models(cfg, trained["outputs"]["model"])
     scores: dict[str, dict[str, dict[str, Any]]] = {}
     for bench in cfg.benchmarks:
         for name, path in models.items():
@@ -87,6 +88,17 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     return manifest
 
 
+def loop_models(cfg: LoopConfig, tuned: str) -> dict[str, str]:
+    """The models a loop evaluates: the base model train started from, the tuned one, and, when it is another
+    model, the one `generate` ran: the instruction-tuned code LLM the method improves, with which the paper
+    compares each InverseCoder model (both fine-tuned from the same base on the original corpus, the tuned one on
+    the generated pairs too). Base -> tuned measures all of fine-tuning, not what the generated data added."""
+    models = {"base": cfg.train.model.path}
+    if cfg.generate.model.path != cfg.train.model.path:
+        models["generator"] = cfg.generate.model.path
+    return {**models, "tuned": tuned}
+
+
 def _still_valid(summary: dict[str, Any] | None, cfg: EvaluateConfig, trained: dict[str, Any] | None) -> bool:
     """A finished evaluation of this config, and, for the tuned model (`trained`: its train manifest), one that
     started after that model was written: a model retrained since (or a manifest from before its
@@ -108,24 +120,28 @@ def _scores(summary: dict[str, Any], output: str) -> dict[str, Any]:
     return scores
 
 
-def before_after_rows(manifest: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(benchmark, base pass@1, tuned pass@1, problems) per benchmark; `NAME+` rows for EvalPlus scores."""
+COLUMNS = {"base": "base model", "generator": "generate's model", "tuned": "tuned model"}
+
+
+def before_after_rows(manifest: dict[str, Any]) -> list[tuple[str, ...]]:
+    """(benchmark, pass@1 of each evaluated model, problems) per benchmark; `NAME+` rows for EvalPlus scores."""
     rows = []
     for bench, per in manifest["evaluate"].items():
-        base, tuned = per["base"], per["tuned"]
+        base = per["base"]
         for suffix in ("", "_plus") if "pass@1_plus" in base else ("",):
-            cells = [f"{s['pass@1' + suffix]:.3f} ({s['passed' + suffix]}/{s['problems']})" for s in (base, tuned)]
+            cells = [f"{s['pass@1' + suffix]:.3f} ({s['passed' + suffix]}/{s['problems']})" for s in per.values()]
             rows.append((bench + ("+" if suffix else ""), *cells, str(base["problems"])))
     return rows
 
 
 def render_report(m: dict[str, Any]) -> str:
     c, t = m["generate"]["counts"], m["train"]
+    names = [COLUMNS[name] for name in next(iter(m["evaluate"].values()))]
     lines = [
         "# INVERSE-INSTRUCT loop report", "",
         "## Before / after (greedy pass@1)", "",
-        "| benchmark | base model | tuned model | problems |", "|---|---|---|---|",
-        *[f"| {b} | {x} | {y} | {n} |" for b, x, y, n in before_after_rows(m)], "",
+        "| " + " | ".join(["benchmark", *names, "problems"]) + " |", "|---" * (len(names) + 2) + "|",
+        *["| " + " | ".join(row) + " |" for row in before_after_rows(m)], "",
         "## Steps", "",
         f"- generate: {c['input']} input rows -> {c['snippets']} snippets -> {c['candidates']} candidates -> "
         f"{c['selected']} selected ({c['rejected']} rejected, reasons in generate/rejected/)",

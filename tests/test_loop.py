@@ -29,6 +29,26 @@ def test_before_after_table_has_an_evalplus_row_when_there_are_plus_scores():
                                     ("humaneval+", "0.000 (0/4)", "0.250 (1/4)", "4"),
                                     ("mbpp", "0.000 (0/4)", "0.750 (3/4)", "4")]
     assert "| humaneval+ | 0.000 (0/4) | 0.250 (1/4) | 4 |" in render_report(m)
+    assert "| benchmark | base model | tuned model | problems |" in render_report(m)
+
+
+def test_the_model_generate_ran_is_evaluated_too_where_it_is_not_the_base_model():
+    """The paper's setting: an instruction-tuned model (trained from the base on the original corpus) generates,
+    and the base model is fine-tuned. The model to beat is that generator; the raw base model alone made the
+    before/after table compare the tuned model with one that follows no instruction format."""
+    from pipeline.loop import loop_models
+
+    paper = load_config(overrides={"generate.model.path": "ise-uiuc/Magicoder-S-DS-6.7B",
+                                   "train.model.path": "deepseek-ai/deepseek-coder-6.7b-base"}, schema=LoopConfig)
+    assert loop_models(paper, "out/train/model") == {"base": "deepseek-ai/deepseek-coder-6.7b-base",
+                                                     "generator": "ise-uiuc/Magicoder-S-DS-6.7B",
+                                                     "tuned": "out/train/model"}
+    assert loop_models(load_config(schema=LoopConfig), "m") == {"base": "embedded", "tuned": "m"}  # the demo's
+    m = manifest({"humaneval": {"base": _scores(summary(0), "b"), "generator": _scores(summary(2), "g"),
+                                "tuned": _scores(summary(3), "t")}})
+    report = render_report(m)
+    assert "| benchmark | base model | generate's model | tuned model | problems |\n|---|---|---|---|---|" in report
+    assert "| humaneval | 0.000 (0/4) | 0.500 (2/4) | 0.750 (3/4) | 4 |" in report
 
 
 def test_a_bad_evalplus_file_fails_before_generate(tmp_path):

@@ -237,7 +237,8 @@ class LoopConfig:
     """`inverse-instruct loop` / `demo`: generate -> train -> evaluate the base and the tuned model."""
 
     output: str = "outputs/loop"
-    """Root folder; each step writes a subfolder (generate/, train/, eval-base-*/, eval-tuned-*/)."""
+    """Root folder; each step writes a subfolder (generate/, train/, eval-base-*/, eval-generator-*/ where
+    generate's model is not train's base model, eval-tuned-*/)."""
     benchmarks: list[Literal["humaneval", "mbpp"]] = Field(default_factory=lambda: ["humaneval"])
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
