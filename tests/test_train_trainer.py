@@ -158,6 +158,8 @@ def test_an_output_folder_resumes_only_its_own_config(tmp_path):
     (tmp_path / RUN_NAME / "step_000005").mkdir(parents=True)
     claim_output(out, load_config(CPU_CONFIG, {"compute.num_workers": 1},
                                   schema=TrainConfig), overwrite=False)  # cluster shape: same run, resumable
+    claim_output(out, load_config(CPU_CONFIG, {"data.original": "embedded"},
+                                  schema=TrainConfig), overwrite=False)  # the default corpus, named: the same run
     assert (tmp_path / RUN_NAME / "step_000005").exists()
     changed = load_config(CPU_CONFIG, {"optim.lr": 1e-3}, schema=TrainConfig)
     with pytest.raises(ConfigError, match="another config"):

@@ -133,6 +133,7 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     finished run would otherwise hand back its old model for a new config. `overwrite` starts afresh.
     A folder whose run never reached training (say a mistyped data path failed it) is simply taken."""
     keys = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "compute", "checkpoint")}
+    keys["data"]["original"] = to_dict(cfg.data.original_input())  # unset = `embedded`: the same run
     fingerprint = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
     # Pairs from a generate output change under the same path when its select stage runs again (a loop
     # rerun with another select config): the run trained on the old ones is not this one either.
@@ -145,7 +146,8 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     if previous is not None and (overwrite or changed):
         if not overwrite and (out.exists(RUN_NAME) or out.exists("model")):
             raise ConfigError(f"{out.uri} holds a training run of another config (data, model, lora or optim "
-                              f"changed, or keys of another inverse-instruct version), of another model at model.path (its files changed since), or of other "
+                              f"changed, or keys of another inverse-instruct version), of another model at "
+                              f"model.path (its files changed since), or of other "
                               f"generated pairs (the generate run of data.generated selected them again since); "
                               f"use a new --output, or --overwrite to start it afresh")
         for name in (RUN_NAME, "model", "manifest.json", "report.md", "loss.png"):
@@ -179,7 +181,8 @@ def prepare_source(cfg: TrainConfig, name: str, prompt_format: str,
                    max_length: int) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """Read -> tokenize -> pack (sequences of up to `max_length` tokens), in Ray Data, materialized once and
     reused by every pass over it."""
-    tokenized = read_corpus(source_input(cfg, name), path_key="data.original.path" if name == "original" else "data.generated").map_batches(
+    path_key = "data.original.path" if name == "original" else "data.generated"
+    tokenized = read_corpus(source_input(cfg, name), path_key=path_key).map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=256,
         fn_kwargs={"model_path": cfg.model.path, "prompt_format": prompt_format, "max_length": max_length,
                    "trust_remote_code": cfg.model.trust_remote_code}).materialize()
