@@ -237,12 +237,9 @@ def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, 
 def _context(record: dict[str, Any], cfg: InputConfig) -> str | Unreadable:
     """The row's Alpaca-style `input` (part of its instruction), '' if it has none."""
     field = cfg.context_field
-    if field is None or field in (cfg.instruction_field, *cfg.response_fields) or record.get(field) is None:
+    value = record.get(field) if field not in (None, cfg.instruction_field, *cfg.response_fields) else None
+    if not isinstance(value, str):  # absent, null, or a field of another kind that shares the name (test inputs)
         return ""
-    value = record[field]
-    if not isinstance(value, str):
-        return Unreadable("not a string: context", f"`{field}` is {type(value).__name__} (context_field: null "
-                                                   f"does not read it)")
     bad = _first_surrogate(value)
     if bad is not None:
         return Unreadable("non-utf8 text", f"`{field}` has invalid UTF-8 at char {bad}")

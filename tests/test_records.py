@@ -209,8 +209,8 @@ def test_a_corrupt_file_is_one_rejected_row_and_the_other_files_are_read(ray_loc
 def test_an_alpaca_input_field_is_part_of_the_instruction(ray_local, tmp_path):
     """CodeAlpaca-style rows (`instruction`, `input`, `output`) keep the code to edit or the data to use in
     `input`: read with the instruction after a blank line (training on the instruction alone would ask about
-    code that is not there). Empty or null: the instruction alone; not a string: rejected, saying how to turn
-    it off; an `input`/`output` corpus (input as the instruction field) is not read twice."""
+    code that is not there). Empty, null or not text (another kind of field of that name): the instruction
+    alone; an `input`/`output` corpus (input as the instruction field) is not read twice."""
     code = "```python\nx = 1\n```"
     rows = [{"instruction": "Fix the bug in this code.\n", "input": "def f(:\n    pass\n", "output": code},
             {"instruction": "Print one.", "input": "", "output": code},
@@ -220,8 +220,7 @@ def test_an_alpaca_input_field_is_part_of_the_instruction(ray_local, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = [(r["instruction"], r["reason"], r["detail"]) for r in rows_of(read_corpus(InputConfig(path=str(path))))]
     assert got == [("Fix the bug in this code.\n\ndef f(:\n    pass", None, None),
-                   ("Print one.", None, None), ("Print two.", None, None),
-                   (None, "not a string: context", "`input` is list (context_field: null does not read it)")]
+                   ("Print one.", None, None), ("Print two.", None, None), ("Print three.", None, None)]
     off = rows_of(read_corpus(InputConfig(path=str(path), context_field=None)))
     assert [r["instruction"] for r in off] == ["Fix the bug in this code.\n", "Print one.", "Print two.", "Print three."]
 

@@ -134,6 +134,7 @@ def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_m
     assert m["throughput"]["mfu"] is None  # CPU, no configured peak
     report = (tmp_path / "report.md").read_text()
     assert "tokens/s" in report and (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"- data: generated `{generated}`, original `embedded`" in report
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
     trained = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]

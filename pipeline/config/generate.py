@@ -32,7 +32,8 @@ class InputConfig:
     context_field: str | None = "input"
     """Alpaca-style corpora (CodeAlpaca: `instruction`, `input`, `output`) keep part of the instruction here: the
     code to edit, the data to use. A non-empty string in this field is appended to the instruction after a blank
-    line. Not read where it names the instruction or response field (an `input`/`output` corpus); null = never."""
+    line. Not read where it names the instruction or response field (an `input`/`output` corpus), nor where it
+    holds no text (another kind of field of that name); null = never."""
     split: str = "train"
     """Split to read for a Hugging Face dataset."""
     limit: int | None = Field(default=None, ge=1)
