@@ -215,13 +215,15 @@ def run_generate(cfg: GenerateConfig, args: argparse.Namespace) -> int:
 
 
 def run_loop(cfg: LoopConfig, args: argparse.Namespace) -> int:
-    from pipeline.loop import before_after_rows, run_loop as loop_job
+    from pipeline.loop import before_after_rows, model_columns, run_loop as loop_job
 
     t0 = time.perf_counter()
     m = loop_job(cfg, overwrite=args.overwrite, verbose=args.verbose)
+    table = [("benchmark", *(f"{name} pass@1" for name in model_columns(m)))]
+    table += [row[:-1] for row in before_after_rows(m)]  # without the problem count (in each cell)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = [f"done in {time.perf_counter() - t0:.0f}s; seconds per step {json.dumps(m['seconds'])}",
-             "benchmark  | base pass@1    | tuned pass@1",
-             *(f"{b:10} | {x:14} | {y}" for b, x, y, _ in before_after_rows(m)),
+             *(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table),
              f"report: {cfg.output}/report.md (train report: {m['train']['report']})"]
     print("\n".join(lines))
     return 0

@@ -123,6 +123,11 @@ def _scores(summary: dict[str, Any], output: str) -> dict[str, Any]:
 COLUMNS = {"base": "base model", "generator": "generate's model", "tuned": "tuned model"}
 
 
+def model_columns(manifest: dict[str, Any]) -> list[str]:
+    """The headers of `before_after_rows`' pass@1 cells: the models evaluated, in order."""
+    return [COLUMNS[name] for name in next(iter(manifest["evaluate"].values()))]
+
+
 def before_after_rows(manifest: dict[str, Any]) -> list[tuple[str, ...]]:
     """(benchmark, pass@1 of each evaluated model, problems) per benchmark; `NAME+` rows for EvalPlus scores."""
     rows = []
@@ -136,7 +141,7 @@ def before_after_rows(manifest: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def render_report(m: dict[str, Any]) -> str:
     c, t = m["generate"]["counts"], m["train"]
-    names = [COLUMNS[name] for name in next(iter(m["evaluate"].values()))]
+    names = model_columns(m)
     lines = [
         "# INVERSE-INSTRUCT loop report", "",
         "## Before / after (greedy pass@1)", "",

@@ -99,3 +99,21 @@ def test_train_reads_the_corpus_generate_read_unless_given_its_own(tiny_model, t
     with pytest.raises(KeyboardInterrupt):
         run_loop(load_config(overrides={**corpus, "train.data.original": "embedded"}, schema=LoopConfig))
     assert seen["original"] == InputConfig(path="embedded", limit=16)
+
+
+def test_the_command_prints_a_column_per_evaluated_model(monkeypatch, capsys):
+    """`inverse-instruct loop` prints the before/after table: with generate's model as a third column it
+    unpacked each row into four values and ended in a ValueError after the whole loop had run."""
+    import argparse
+
+    import pipeline.loop
+    from pipeline.cli import run_loop as run_loop_command
+
+    m = manifest({"humaneval": {"base": _scores(summary(0), "b"), "generator": _scores(summary(2), "g"),
+                                "tuned": _scores(summary(3), "t")}})
+    monkeypatch.setattr(pipeline.loop, "run_loop", lambda cfg, **_: m)
+    assert run_loop_command(LoopConfig(), argparse.Namespace(overwrite=False, verbose=False)) == 0
+    out = capsys.readouterr().out
+    assert "benchmark | base model pass@1 | generate's model pass@1 | tuned model pass@1" in out
+    assert "humaneval | 0.000 (0/4)       | 0.500 (2/4)             | 0.750 (3/4)" in out
+
