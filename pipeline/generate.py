@@ -162,6 +162,11 @@ def _preprocess(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     keys = _columns(extracted, ["id", "source", "source_index", "code_key", "reason"])
     if keys.empty:
         log.warning("input %s has no rows", cfg.input.path)
+    elif keys["reason"].fillna("").str.startswith("missing field").all():  # the fields are named otherwise
+        row = extracted.take(1)[0]
+        raise ConfigError(f"input.path: none of its {len(keys)} rows has the fields it is read by (one: "
+                          f"{row['reason']}, {row['detail']}); set input.instruction_field / "
+                          f"input.response_fields / input.messages_field to its names")
     duplicate_of: dict[str, str] = {}
     if cfg.extract.dedup:
         kept = keys[keys["reason"].isna()].sort_values(["source", "source_index"])

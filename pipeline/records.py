@@ -163,7 +163,9 @@ def _parquet_rows(source: Any, cfg: InputConfig) -> Iterator[dict[str, Any] | Un
     fields = (cfg.instruction_field, *cfg.response_fields, cfg.messages_field, cfg.context_field)
     wanted = [c for c in dict.fromkeys(fields) if c in names]
     if not wanted:  # no field of a row: each row is rejected as missing its instruction
-        yield from ({} for _ in range(parquet.metadata.num_rows))
+        missing = Unreadable("missing field: instruction", f"no `{cfg.instruction_field}` column in the file (nor a "
+                                                           f"response or chat one); its columns: {_names(names)}")
+        yield from (missing for _ in range(parquet.metadata.num_rows))
         return
     # Row group by row group: a damaged one loses only its rows and those after it.
     batches = (batch for group in range(parquet.num_row_groups)
@@ -210,6 +212,7 @@ def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, 
         return {**row, "reason": "malformed row", "detail": f"expected an object, got {type(record).__name__}"}
     # A null field counts as absent: Parquet and HF datasets that merge corpora give every row every column, so
     # a chat row has `instruction: null`, and a row of the `output` corpus has `response: null`.
+    given = record  # its fields are named when one is missing
     if record.get(cfg.instruction_field) is None and isinstance(record.get(cfg.messages_field), list):
         record = _first_exchange(record[cfg.messages_field], cfg)
         if isinstance(record, Unreadable):
@@ -218,7 +221,9 @@ def to_row(record: Any, source: str, index: int, cfg: InputConfig) -> dict[str, 
     for field, name in ((cfg.instruction_field, "instruction"), (response_field, "response")):
         if field is None or record.get(field) is None:
             wanted = cfg.instruction_field if name == "instruction" else " or ".join(cfg.response_fields)
-            return {**row, "reason": f"missing field: {name}", "detail": f"no `{wanted}` in the row (or null)"}
+            return {**row, "reason": f"missing field: {name}",
+                    "detail": f"no `{wanted}` in the row (or null); its fields: "
+                              f"{_names([k for k, v in given.items() if v is not None])}"}
         value = record[field]
         if not isinstance(value, str):
             return {**row, "reason": f"not a string: {name}", "detail": f"`{field}` is {type(value).__name__}"}
@@ -260,6 +265,12 @@ def _first_exchange(messages: list[Any], cfg: InputConfig) -> dict[str, Any] | U
     if first_user + 1 == len(turns) or turns[first_user + 1][0] not in _ASSISTANT:
         return Unreadable("missing field: response", f"{where} has no assistant turn right after its first user turn")
     return {cfg.instruction_field: turns[first_user][1], cfg.response_fields[0]: turns[first_user + 1][1]}
+
+
+def _names(fields: list[str], most: int = 12) -> str:
+    """A row's field names for a message, the first `most` of them."""
+    listed = ", ".join(f"`{f}`" for f in fields[:most]) or "none"
+    return listed + (f" and {len(fields) - most} more" if len(fields) > most else "")
 
 
 def _first_surrogate(text: str) -> int | None:

@@ -92,8 +92,9 @@ def test_a_null_field_counts_as_absent(ray_local, tmp_path):
         ("Plain.", code, None, None),
         ("Spelled output.", code, None, None),
         ("Add.", code, None, None),
-        (None, None, "missing field: instruction", "no `instruction` in the row (or null)"),
-        ("Null reply.", None, "missing field: response", "no `response or output` in the row (or null)"),
+        (None, None, "missing field: instruction", "no `instruction` in the row (or null); its fields: `response`"),
+        ("Null reply.", None, "missing field: response",
+         "no `response or output` in the row (or null); its fields: `instruction`"),
     ]
 
 

@@ -293,14 +293,16 @@ def test_a_run_with_no_step_to_take_is_refused(ray_local, tiny_model, generated,
     assert not (tmp_path / "out" / "model").exists()
 
 
-def test_an_original_corpus_of_other_field_names_is_told_how_to_read_it(caplog):
-    """An OSS-Instruct corpus (`problem` / `solution`) read with the default field names loses every row as
-    `missing field`; the pass's warning says which keys name the fields."""
+def test_an_original_corpus_of_other_field_names_is_refused_naming_the_keys():
+    """An OSS-Instruct corpus (`problem` / `solution`) read with the default field names lost every row as
+    `missing field`, with a warning, and the run went on training on the generated pairs alone."""
+    from pipeline.config import ConfigError
     from pipeline.train.trainer import check_plan
 
     counts = {"generated": {"rows": 25, "sequences": 25, "by_status": {"ok": 25}},
               "original": {"rows": 16, "sequences": 0, "by_status": {"read: missing field: instruction": 16}}}
-    with caplog.at_level("WARNING"):
+    with pytest.raises(ConfigError, match=r"train: original: none of its 16 rows has the fields it is read by "
+                                          r"\(read: missing field: instruction 16\); see data.original.instruction_field"):
         check_plan([("generated",), ("original",)], [3, 0], counts, world=2, max_length=256)
-    assert ("original: 16 rows -> 0 sequences (dropped: read: missing field: instruction 16) (its rows name their "
-            "fields otherwise? data.original.instruction_field / response_fields / messages_field)") in caplog.text
+    counts["original"]["by_status"] = {"read: missing field: instruction": 15, "ok": 1}  # one row: a bad row
+    check_plan([("generated",), ("original",)], [3, 0], counts, world=2, max_length=256)

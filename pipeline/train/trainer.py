@@ -203,11 +203,21 @@ def phase_dataset(cfg: TrainConfig, index: int, parts: list[ray.data.Dataset]) -
     return ds.random_shuffle(seed=cfg.data.seed + index) if cfg.data.shuffle else ds
 
 
+UNREAD = "read: missing field"  # a row without the field names a source is read by
+
+
 def check_plan(phases: list[tuple[str, ...]], planned: list[int], counts: dict[str, dict[str, Any]], world: int,
                max_length: int) -> None:
     """A run without a single step is refused: its "tuned" model would be the base model, handed on to an
     evaluation as if trained. A pass without a step (a source whose rows were all dropped) is a warning.
-    A pass has no step when it has fewer sequences than workers: Ray Train's equal split gives each none."""
+    A pass has no step when it has fewer sequences than workers: Ray Train's equal split gives each none.
+    A source none of whose rows has the fields it is read by is refused too: its field names are not configured."""
+    for source, c in counts.items():
+        if c["rows"] and sum(n for why, n in c["by_status"].items() if why.startswith(UNREAD)) == c["rows"]:
+            keys = ("data.original.instruction_field / response_fields / messages_field" if source == "original"
+                    else "data.generated, a generate output's selected/ (instruction, response)")
+            raise ConfigError(f"train: {source}: none of its {c['rows']} rows has the fields it is read by "
+                              f"({', '.join(f'{why} {n}' for why, n in sorted(c['by_status'].items()))}); see {keys}")
     empty = [i for i, n in enumerate(planned) if n == 0]
     if not empty:
         return
@@ -215,10 +225,7 @@ def check_plan(phases: list[tuple[str, ...]], planned: list[int], counts: dict[s
     def told(source: str) -> str:
         c = counts[source]
         dropped = ", ".join(f"{why} {n}" for why, n in sorted(c["by_status"].items()) if why not in KEPT)
-        hint = (" (its rows name their fields otherwise? data.original.instruction_field / response_fields / "
-                "messages_field)" if source == "original" and "read: missing field" in dropped else "")
-        return (f"{source}: {c['rows']} rows -> {c['sequences']} sequences" + (f" (dropped: {dropped})" if dropped else "")
-                + hint)
+        return f"{source}: {c['rows']} rows -> {c['sequences']} sequences" + (f" (dropped: {dropped})" if dropped else "")
 
     sources = sorted({s for i in empty for s in phases[i]})
     why = (f"{'; '.join(told(s) for s in sources)}; a pass needs at least {world} sequence(s), one per worker "
