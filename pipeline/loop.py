@@ -61,7 +61,7 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
             t0 = time.perf_counter()
             eval_cfg = replace(cfg.evaluate, output=out.sub(f"eval-{name}-{bench}"),
                                benchmark=replace(cfg.evaluate.benchmark, name=bench),
-                               model=replace(cfg.evaluate.model, path=path))
+                               model=replace(cfg.evaluate.model, path=path, prompt_format=eval_format(cfg, name)))
             done = OutputDir(eval_cfg.output)
             previous = done.read_json("summary.json")
             if not overwrite and _still_valid(previous, eval_cfg, trained if name == "tuned" else None):
@@ -97,6 +97,14 @@ def loop_models(cfg: LoopConfig, tuned: str) -> dict[str, str]:
     if cfg.generate.model.path != cfg.train.model.path:
         models["generator"] = cfg.generate.model.path
     return {**models, "tuned": tuned}
+
+
+def eval_format(cfg: LoopConfig, name: str) -> str:
+    """The prompt format a model is evaluated in: evaluate's own if set, else the one it generated in (generate's
+    model) or was trained in (base and tuned), so that a model is not asked in a format it was not tuned for."""
+    if cfg.evaluate.model.prompt_format != "auto":
+        return cfg.evaluate.model.prompt_format
+    return (cfg.generate.model if name == "generator" else cfg.train.model).prompt_format
 
 
 def _still_valid(summary: dict[str, Any] | None, cfg: EvaluateConfig, trained: dict[str, Any] | None) -> bool:

@@ -117,3 +117,32 @@ def test_the_command_prints_a_column_per_evaluated_model(monkeypatch, capsys):
     assert "benchmark | base model pass@1 | generate's model pass@1 | tuned model pass@1" in out
     assert "humaneval | 0.000 (0/4)       | 0.500 (2/4)             | 0.750 (3/4)" in out
 
+
+def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in(tiny_model, tmp_path, monkeypatch):
+    """The paper's generate config asks its model in Magicoder's format (`generate.model.prompt_format`); with
+    evaluate's `auto` that model was evaluated in its tokenizer's chat template, if it has one, and so was a
+    model trained in another format than `auto` gives."""
+    import pipeline.evaluate.run
+    import pipeline.generate
+    import pipeline.train.trainer
+
+    formats = {}
+
+    def fake_evaluate(cfg, **_):
+        formats[cfg.output.rsplit("/", 1)[-1]] = cfg.model.prompt_format
+        return summary(1)
+
+    trained = {"outputs": {"model": str(tmp_path / "tuned"), "report": "r.md"}, "steps": 1, "phases": ["generated"],
+               "loss": {"first": 1.0, "last": 0.5}, "throughput": {"tokens_per_s": 1.0}}
+    monkeypatch.setattr(pipeline.generate, "generate", lambda cfg, **_: {"counts": {}})
+    monkeypatch.setattr(pipeline.train.trainer, "train", lambda cfg, **_: trained)
+    monkeypatch.setattr(pipeline.evaluate.run, "evaluate", fake_evaluate)
+    monkeypatch.setattr("pipeline.loop.render_report", lambda m: "")
+    paper = {"generate.model.path": "ise-uiuc/Magicoder-S-DS-6.7B", "generate.model.prompt_format": "magicoder",
+             "train.model.path": str(tiny_model), "train.model.prompt_format": "chat", "output": str(tmp_path)}
+    run_loop(load_config(overrides=paper, schema=LoopConfig))
+    assert formats == {"eval-base-humaneval": "chat", "eval-generator-humaneval": "magicoder",
+                       "eval-tuned-humaneval": "chat"}
+    run_loop(load_config(overrides={**paper, "evaluate.model.prompt_format": "magicoder"}, schema=LoopConfig))
+    assert set(formats.values()) == {"magicoder"}  # evaluate's own setting wins
+
