@@ -22,7 +22,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from pipeline.config import EvaluateConfig, LoopConfig, to_dict
+from pipeline.config import EvaluateConfig, LoopConfig, ModelConfig, to_dict
 from pipeline.io import OutputDir
 from pipeline.models import check_model_here
 
@@ -61,7 +61,7 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
             t0 = time.perf_counter()
             eval_cfg = replace(cfg.evaluate, output=out.sub(f"eval-{name}-{bench}"),
                                benchmark=replace(cfg.evaluate.benchmark, name=bench),
-                               model=replace(cfg.evaluate.model, path=path, prompt_format=eval_format(cfg, name)))
+                               model=eval_model(cfg, name, path))
             done = OutputDir(eval_cfg.output)
             previous = done.read_json("summary.json")
             if not overwrite and _still_valid(previous, eval_cfg, trained if name == "tuned" else None):
@@ -99,12 +99,14 @@ def loop_models(cfg: LoopConfig, tuned: str) -> dict[str, str]:
     return {**models, "tuned": tuned}
 
 
-def eval_format(cfg: LoopConfig, name: str) -> str:
-    """The prompt format a model is evaluated in: evaluate's own if set, else the one it generated in (generate's
-    model) or was trained in (base and tuned), so that a model is not asked in a format it was not tuned for."""
-    if cfg.evaluate.model.prompt_format != "auto":
-        return cfg.evaluate.model.prompt_format
-    return (cfg.generate.model if name == "generator" else cfg.train.model).prompt_format
+def eval_model(cfg: LoopConfig, name: str, path: str) -> ModelConfig:
+    """Evaluate's model settings for one of the loop's models. Its prompt format: evaluate's own if set, else the
+    one the model generated in (generate's model) or was trained in (base and tuned), so that no model is asked in
+    a format it was not tuned for. Remote code the loop's own step already runs for it is trusted here too."""
+    ran = cfg.generate.model if name == "generator" else cfg.train.model
+    own = cfg.evaluate.model
+    return replace(own, path=path, prompt_format=own.prompt_format if own.prompt_format != "auto" else ran.prompt_format,
+                   trust_remote_code=own.trust_remote_code or ran.trust_remote_code)
 
 
 def _still_valid(summary: dict[str, Any] | None, cfg: EvaluateConfig, trained: dict[str, Any] | None) -> bool:

@@ -118,7 +118,7 @@ def test_the_command_prints_a_column_per_evaluated_model(monkeypatch, capsys):
     assert "humaneval | 0.000 (0/4)       | 0.500 (2/4)             | 0.750 (3/4)" in out
 
 
-def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in(tiny_model, tmp_path, monkeypatch):
+def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in_and_trusted_as_there(tiny_model, tmp_path, monkeypatch):
     """The paper's generate config asks its model in Magicoder's format (`generate.model.prompt_format`); with
     evaluate's `auto` that model was evaluated in its tokenizer's chat template, if it has one, and so was a
     model trained in another format than `auto` gives."""
@@ -126,10 +126,11 @@ def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in(t
     import pipeline.generate
     import pipeline.train.trainer
 
-    formats = {}
+    formats, trusted = {}, {}
 
     def fake_evaluate(cfg, **_):
         formats[cfg.output.rsplit("/", 1)[-1]] = cfg.model.prompt_format
+        trusted[cfg.output.rsplit("/", 1)[-1]] = cfg.model.trust_remote_code
         return summary(1)
 
     trained = {"outputs": {"model": str(tmp_path / "tuned"), "report": "r.md"}, "steps": 1, "phases": ["generated"],
@@ -139,10 +140,12 @@ def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in(t
     monkeypatch.setattr(pipeline.evaluate.run, "evaluate", fake_evaluate)
     monkeypatch.setattr("pipeline.loop.render_report", lambda m: "")
     paper = {"generate.model.path": "ise-uiuc/Magicoder-S-DS-6.7B", "generate.model.prompt_format": "magicoder",
+             "generate.model.trust_remote_code": True,
              "train.model.path": str(tiny_model), "train.model.prompt_format": "chat", "output": str(tmp_path)}
     run_loop(load_config(overrides=paper, schema=LoopConfig))
     assert formats == {"eval-base-humaneval": "chat", "eval-generator-humaneval": "magicoder",
                        "eval-tuned-humaneval": "chat"}
+    assert trusted == {"eval-base-humaneval": False, "eval-generator-humaneval": True, "eval-tuned-humaneval": False}
     run_loop(load_config(overrides={**paper, "evaluate.model.prompt_format": "magicoder"}, schema=LoopConfig))
     assert set(formats.values()) == {"magicoder"}  # evaluate's own setting wins
 
