@@ -105,7 +105,8 @@ def eval_model(cfg: LoopConfig, name: str, path: str) -> ModelConfig:
     a format it was not tuned for. Remote code the loop's own step already runs for it is trusted here too."""
     ran = cfg.generate.model if name == "generator" else cfg.train.model
     own = cfg.evaluate.model
-    return replace(own, path=path, prompt_format=own.prompt_format if own.prompt_format != "auto" else ran.prompt_format,
+    prompt_format = own.prompt_format if own.prompt_format != "auto" else ran.prompt_format
+    return replace(own, path=path, prompt_format=prompt_format,
                    trust_remote_code=own.trust_remote_code or ran.trust_remote_code)
 
 
