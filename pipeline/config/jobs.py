@@ -234,7 +234,7 @@ class EvaluateConfig:
 
 @dataclass(config=_STRICT)
 class LoopConfig:
-    """`inverse-instruct loop` / `demo`: generate -> train -> evaluate the base and the tuned model."""
+    """`inverse-instruct loop` / `demo`: generate -> train -> evaluate the base, the tuned (and generate's) model."""
 
     output: str = "outputs/loop"
     """Root folder; each step writes a subfolder (generate/, train/, eval-base-*/, eval-generator-*/ where
