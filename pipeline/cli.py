@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     loop = sub.add_parser("loop", help="the whole method: generate -> train -> evaluate base and tuned -> report",
                           description="Run (or resume, in the same --output) generate, train and evaluate as one "
-                                      "job; writes OUTPUT/report.md with the before/after pass@1 table.")
+                                      "job (the base model, the tuned one, and generate's model where it is another "
+                                      "one); writes OUTPUT/report.md with the before/after pass@1 table.")
     loop.add_argument("--output", metavar="DIR", help="root output folder (local or s3://...)")
     _add_common(loop)
     loop.set_defaults(run=run_loop, schema=LoopConfig, flags={"output": "output"})
