@@ -78,7 +78,7 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
         "generate": {"counts": generated["counts"], "output": gen_cfg.output},
         "train": {"steps": trained["steps"], "phases": trained["phases"], "loss": trained["loss"],
                   "throughput": trained["throughput"], "model": models["tuned"],
-                  "report": trained["outputs"]["report"]},
+                  "original": train_cfg.data.original_input().path, "report": trained["outputs"]["report"]},
         "evaluate": {bench: {name: _scores(s, out.sub(f"eval-{name}-{bench}")) for name, s in per.items()}
                      for bench, per in scores.items()},
         "seconds": seconds,

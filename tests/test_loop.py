@@ -142,7 +142,8 @@ def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in_a
     paper = {"generate.model.path": "ise-uiuc/Magicoder-S-DS-6.7B", "generate.model.prompt_format": "magicoder",
              "generate.model.trust_remote_code": True,
              "train.model.path": str(tiny_model), "train.model.prompt_format": "chat", "output": str(tmp_path)}
-    run_loop(load_config(overrides=paper, schema=LoopConfig))
+    loop = run_loop(load_config(overrides=paper, schema=LoopConfig))
+    assert loop["train"]["original"] == "embedded"  # the corpus generate read, named in the loop's manifest
     assert formats == {"eval-base-humaneval": "chat", "eval-generator-humaneval": "magicoder",
                        "eval-tuned-humaneval": "chat"}
     assert trusted == {"eval-base-humaneval": False, "eval-generator-humaneval": True, "eval-tuned-humaneval": False}
