@@ -182,4 +182,3 @@ def test_train_reads_the_original_corpus_with_generates_input_options(tmp_path):
         load_config(overrides={"data.original.limit": 3}, schema=TrainConfig)
     with pytest.raises(ConfigError, match=r"data.original.instruction_fild: unknown config key \(did you mean"):
         load_config(overrides={"data.original.instruction_fild": "x"}, schema=TrainConfig)
-

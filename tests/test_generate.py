@@ -256,6 +256,9 @@ def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, 
         generate(load_config(overrides=tiny_overrides(tiny_model, tmp_path / "bda", out)))
     manifest = generate(load_config(overrides=tiny_overrides(tiny_model, folder, out)))
     assert manifest["counts"]["input"] == 3 == manifest["counts"]["rejected"]
+    assert manifest["counts"]["selected"] == manifest["counts"]["snippets"] == manifest["counts"]["candidates"] == 0
+    for name in ("snippets", "candidates", "selected", "rejected"):
+        assert pads.dataset(str(out / name)).to_table().num_rows == (3 if name == "rejected" else 0)
     # Rows that all lack the configured fields are a corpus whose fields are named otherwise (OSS-Instruct's
     # problem/solution): refused, naming the row's fields and the keys, not a "done" run that selected nothing.
     oss = tmp_path / "oss"
@@ -265,9 +268,6 @@ def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, 
                                           r"missing field: instruction, no `instruction` in the row \(or null\); "
                                           r"its fields: `problem`, `solution`\); set input.instruction_field"):
         generate(load_config(overrides=tiny_overrides(tiny_model, oss, tmp_path / "oss-run")))
-    assert manifest["counts"]["selected"] == manifest["counts"]["snippets"] == manifest["counts"]["candidates"] == 0
-    for name in ("snippets", "candidates", "selected", "rejected"):
-        assert pads.dataset(str(out / name)).to_table().num_rows == (3 if name == "rejected" else 0)
 
 
 def test_another_model_at_the_same_path_is_not_mixed_into_a_run(ray_local, tiny_model, corpus_folder, tmp_path):

@@ -118,7 +118,7 @@ def test_the_command_prints_a_column_per_evaluated_model(monkeypatch, capsys):
     assert "humaneval | 0.000 (0/4)       | 0.500 (2/4)             | 0.750 (3/4)" in out
 
 
-def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in_and_trusted_as_there(tiny_model, tmp_path, monkeypatch):
+def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in(tiny_model, tmp_path, monkeypatch):
     """The paper's generate config asks its model in Magicoder's format (`generate.model.prompt_format`); with
     evaluate's `auto` that model was evaluated in its tokenizer's chat template, if it has one, and so was a
     model trained in another format than `auto` gives."""
@@ -149,4 +149,3 @@ def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in_a
     assert trusted == {"eval-base-humaneval": False, "eval-generator-humaneval": True, "eval-tuned-humaneval": False}
     run_loop(load_config(overrides={**paper, "evaluate.model.prompt_format": "magicoder"}, schema=LoopConfig))
     assert set(formats.values()) == {"magicoder"}  # evaluate's own setting wins
-

@@ -223,7 +223,8 @@ def test_an_alpaca_input_field_is_part_of_the_instruction(ray_local, tmp_path):
     assert got == [("Fix the bug in this code.\n\ndef f(:\n    pass", None, None),
                    ("Print one.", None, None), ("Print two.", None, None), ("Print three.", None, None)]
     off = rows_of(read_corpus(InputConfig(path=str(path), context_field=None)))
-    assert [r["instruction"] for r in off] == ["Fix the bug in this code.\n", "Print one.", "Print two.", "Print three."]
+    assert [r["instruction"] for r in off] == ["Fix the bug in this code.\n", "Print one.", "Print two.",
+                                              "Print three."]
 
     pq.write_table(pa.table({"input": ["Add one to x."], "output": [code]}), tmp_path / "io.parquet")
     (row,) = rows_of(read_corpus(InputConfig(path=str(tmp_path / "io.parquet"), instruction_field="input")))

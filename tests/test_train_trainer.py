@@ -302,7 +302,8 @@ def test_an_original_corpus_of_other_field_names_is_refused_naming_the_keys():
     counts = {"generated": {"rows": 25, "sequences": 25, "by_status": {"ok": 25}},
               "original": {"rows": 16, "sequences": 0, "by_status": {"read: missing field: instruction": 16}}}
     with pytest.raises(ConfigError, match=r"train: original: none of its 16 rows has the fields it is read by "
-                                          r"\(read: missing field: instruction 16\); see data.original.instruction_field"):
+                                          r"\(read: missing field: instruction 16\); "
+                                          r"see data.original.instruction_field"):
         check_plan([("generated",), ("original",)], [3, 0], counts, world=2, max_length=256)
     counts["original"]["by_status"] = {"read: missing field: instruction": 15, "ok": 1}  # one row: a bad row
     check_plan([("generated",), ("original",)], [3, 0], counts, world=2, max_length=256)
