@@ -35,8 +35,7 @@ def render_markdown(m: dict[str, Any], history: list[dict[str, Any]], has_png: b
         f"prompt format `{m['prompt_format']}`, packing {'on' if cfg['data']['packing'] else 'off'}, "
         f"max length {m['max_length']})",
         f"- schedule `{cfg['data']['schedule']}`: " + " → ".join(f"`{p}`" for p in m["phases"]),
-        f"- data: generated `{cfg['data']['generated']}`, "
-        f"original `{(cfg['data']['original'] or {}).get('path', 'embedded')}`",
+        f"- data: generated `{m['sources']['generated']}`, original `{m['sources']['original']}`",
         f"- workers: {cfg['compute']['num_workers']} ({'GPU' if cfg['compute']['use_gpu'] else 'CPU'}, "
         f"{cfg['compute']['strategy']}); global batch {cfg['optim']['global_batch_size']} sequences, "
         f"{cfg['optim']['name']} lr {cfg['optim']['lr']}",

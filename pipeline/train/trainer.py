@@ -267,6 +267,7 @@ def build_manifest(cfg: TrainConfig, prompt_format: str, max_length: int, phases
         "steps": state["step"],
         "steps_per_phase": [sum(1 for h in history if h["phase"] == i) for i in range(len(phases))],
         "data": counts,
+        "sources": {"generated": cfg.data.generated, "original": cfg.data.original_input().path},
         "throughput": {"tokens": state["tokens"], "label_tokens": state["label_tokens"],
                        "train_seconds": round(seconds, 2),
                        "tokens_per_s": round(state["tokens"] / seconds, 1) if seconds else None,
