@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, metavar="N", help="max tokens per candidate instruction")
     gen.set_defaults(run=run_generate, schema=GenerateConfig, flags=GENERATE_FLAGS)
 
-    loop = sub.add_parser("loop", help="the whole method: generate -> train -> evaluate base and tuned -> report",
+    loop = sub.add_parser("loop", help="the whole method: generate -> train -> evaluate the models -> report",
                           description="Run (or resume, in the same --output) generate, train and evaluate as one "
                                       "job (the base model, the tuned one, and generate's model where it is another "
                                       "one); writes OUTPUT/report.md with the before/after pass@1 table.")
