@@ -182,3 +182,24 @@ def test_train_reads_the_original_corpus_with_generates_input_options(tmp_path):
         load_config(overrides={"data.original.limit": 3}, schema=TrainConfig)
     with pytest.raises(ConfigError, match=r"data.original.instruction_fild: unknown config key \(did you mean"):
         load_config(overrides={"data.original.instruction_fild": "x"}, schema=TrainConfig)
+
+
+def test_an_output_inside_a_ray_jobs_working_dir_copy_is_refused(tmp_path, monkeypatch):
+    """A Ray job submitted with a working_dir runs in Ray's temporary copy of it: a relative output (the default)
+    would be written there and lost. Outside a job, and for absolute or s3:// outputs, nothing changes."""
+    monkeypatch.chdir(tmp_path)
+    for schema in (None, TrainConfig, EvaluateConfig, LoopConfig):
+        load_config(schema=schema) if schema else load_config()  # not a job: relative outputs are fine
+    job = '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}'
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job)
+    for schema, default in ((TrainConfig, "outputs/train"), (EvaluateConfig, "outputs/evaluate"),
+                            (LoopConfig, "outputs/loop")):
+        with pytest.raises(ConfigError, match=rf"output: {default} is inside this Ray job's copy of its working_dir "
+                                              rf"\({tmp_path}\), which Ray deletes"):
+            load_config(schema=schema)
+    with pytest.raises(ConfigError, match="output: . is inside"):
+        load_config(overrides={"output": "."})
+    for output in (str(tmp_path.parent / "runs" / "g"), "s3://bucket/runs/g"):
+        assert load_config(overrides={"output": output}).output == output
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')  # a job without a working_dir
+    assert load_config().output == "outputs/generate"

@@ -155,6 +155,15 @@ def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(cluster, tmp_path
     assert "FAILED" in done.stderr and not (tmp_path / "bad").exists()
 
 
+def test_a_relative_output_is_refused_in_the_job_not_written_into_rays_working_dir_copy(cluster):
+    """A relative --output (every config's default is one) resolves in the job's cwd: Ray's temporary copy of the
+    uploaded working_dir. Until 2026-12-06 the job wrote its results there and printed "outputs in outputs/generate"."""
+    done = _submit(cluster, "generate", "--input", "embedded", "--limit", "2")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "output: outputs/generate is inside this Ray job's copy of its working_dir" in done.stdout
+    assert "runtime_resources" in done.stdout and "stage preprocess" not in done.stdout
+
+
 def test_unknown_job_and_unreachable_cluster_are_errors_before_any_upload():
     with pytest.raises(ValueError, match="unknown job 'generat'"):
         entrypoint("generat", [])

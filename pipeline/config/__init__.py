@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 # The sections, importable from pipeline.config as well.
 from pipeline.config.generate import (ENGINE_SPEED_KEYS, ComputeConfig, DecontaminateConfig, EMBEDDED_CORPUS,
                                       EMBEDDED_MODEL, ExtractConfig, GenerateConfig, InputConfig, JudgeConfig,
-                                      ModelConfig, SelectConfig, SummarizeConfig)
+                                      ModelConfig, SelectConfig, SummarizeConfig, inside)
 from pipeline.config.jobs import (BenchmarkConfig, EvalGenerationConfig, EvaluateConfig, LoopConfig, LoraConfig,
                                   OptimConfig, RuntimeEnvConfig, SandboxConfig, SubmitConfig, TrainCheckpointConfig,
                                   TrainComputeConfig, TrainConfig, TrainDataConfig, TrainModelConfig)
@@ -84,9 +85,29 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def validate(raw: dict[str, Any], schema: type[T] = GenerateConfig) -> T:  # type: ignore[assignment]
     try:
-        return TypeAdapter(schema).validate_python(raw)
+        cfg = TypeAdapter(schema).validate_python(raw)
     except ValidationError as err:
         raise ConfigError(_explain(err, schema) + _loop_config_hint(raw, schema)) from None
+    output = getattr(cfg, "output", None)
+    if isinstance(output, str) and (working_dir := _ray_job_working_dir()) and inside(output, working_dir):
+        raise ConfigError(
+            f"invalid config:\n  output: {output} is inside this Ray job's copy of its working_dir ({working_dir}), "
+            "which Ray deletes once no job uses it: the results would be lost; write them to s3://... or to "
+            "an absolute path on storage every node of the cluster shares (on a one-machine cluster: a folder "
+            "such as the one you submitted from, e.g. --output /home/me/runs/NAME)")
+    return cfg
+
+
+def _ray_job_working_dir() -> str | None:
+    """The folder this process runs in when it is a Ray job's driver submitted with a `working_dir` (Ray
+    unpacks the upload under its session's runtime_resources/ and starts the entrypoint there), else None.
+    A relative output path, such as every config's default, would resolve into that temporary copy."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except json.JSONDecodeError:
+        return None
+    runtime_env = job.get("runtime_env") if isinstance(job, dict) else None
+    return os.getcwd() if isinstance(runtime_env, dict) and runtime_env.get("working_dir") else None
 
 
 def _loop_config_hint(raw: dict[str, Any], schema: type) -> str:
