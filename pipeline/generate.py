@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -67,6 +68,7 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     check_model_here(cfg.model.path)
     out = OutputDir(cfg.output)
     start_ray(cfg.compute.ray_address, verbose)
+    check_fits(engine_actor(cfg), 1, "engine actors", "compute.num_gpus_per_actor / compute.num_cpus_per_actor")
     prints = fingerprint(cfg)
     model = model_version(cfg.model.path)
     _forget_changed_stages(out, prints, overwrite, model)
@@ -141,6 +143,36 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
         # A private local instance: token auth (on by default since Ray 2.60) has nothing to protect here.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    # Without an address Ray joins a cluster started on this machine by `ray start` (which may autoscale), or
+    # else starts its own instance; only the latter makes this process the head node.
+    global _own_instance
+    _own_instance = bool(getattr(getattr(ray._private.worker, "_global_node", None), "head", False))
+
+
+_own_instance = False  # start_ray started Ray itself: this machine's resources, and no autoscaler to add more
+
+
+def check_fits(bundle: dict[str, float], count: int, what: str, keys: str) -> None:
+    """Refuse at once `count` actors of `bundle` (resource -> amount) that this process's own local Ray
+    instance can never hold (a GPU on a machine without one): Ray Data and Ray Train would wait forever for
+    a node that no autoscaler adds. On a cluster nodes may join; Ray's autoscaler says what it waits for."""
+    if not _own_instance:
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if placements(bundle, nodes) < count:
+        need = {k: v for k, v in bundle.items() if v}
+        have = {k: sum(node.get(k, 0) for node in nodes) for k in need}
+        raise ConfigError(f"{keys}: {what} ({count} x {need}) cannot start on this machine's Ray instance ({have} "
+                          f"in all): Ray would wait for them forever (for a cluster, set compute.ray_address or "
+                          f"RAY_ADDRESS)")
+
+
+def placements(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many copies of `bundle` the nodes (resource -> total) hold at once, each on one node."""
+    need = {k: v for k, v in bundle.items() if v > 0}
+    if not need:
+        return sys.maxsize
+    return sum(min(int(node.get(k, 0) / v + 1e-9) for k, v in need.items()) for node in nodes)
 
 
 # ---------------------------------------------------------------- stage 1: preprocess
@@ -210,8 +242,6 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
                 InverseInstruct,
                 fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger, "output_marker": seen_by},
                 batch_size=c.batch_size,
-                num_gpus=c.num_gpus_per_actor,
-                num_cpus=c.num_cpus_per_actor,
                 batch_format="pyarrow",
                 **actor_pool(cfg),
             ).write_parquet(out.sub("_work/scored"), mode=SaveMode.APPEND)
@@ -224,15 +254,21 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     return {"snippets": total, "resumed_from": len(done), "scored_now": total - len(done), "engine_crashes": crashes}
 
 
+def engine_actor(cfg: GenerateConfig | EvaluateConfig) -> dict[str, float]:
+    """The resources one engine actor asks Ray for."""
+    return {"CPU": cfg.compute.num_cpus_per_actor, "GPU": cfg.compute.num_gpus_per_actor}
+
+
 def actor_pool(cfg: GenerateConfig | EvaluateConfig) -> dict[str, Any]:
-    """map_batches arguments for the engine actors (generate and evaluate): an autoscaling pool; with
-    vLLM, several batches per actor at once (threads calling into the actor's one engine loop; Ray Data
+    """map_batches arguments for the engine actors (generate and evaluate): their resources, an autoscaling
+    pool; with vLLM, several batches per actor at once (threads calling into the actor's one engine loop; Ray Data
     otherwise runs a sync UDF one call at a time); and a bounded number of restarts of an actor whose
     engine died (the actor exits, see `restart_actor_if_engine_dead`)."""
     c = cfg.compute
     concurrent = c.concurrent_batches if cfg.model.engine == "vllm" else 1
     args = {"compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors,
                                          enable_true_multi_threading=concurrent > 1),
+            "num_cpus": c.num_cpus_per_actor, "num_gpus": c.num_gpus_per_actor,  # = engine_actor(cfg)
             "max_concurrency": concurrent, "max_restarts": c.max_actor_restarts}
     # By default Ray SIGKILLs a retiring worker's child processes before the actor's shutdown hook runs:
     # vLLM's engine core died unstopped, and Python's resource tracker with it (its KeyError tracebacks at

@@ -307,3 +307,20 @@ def test_an_original_corpus_of_other_field_names_is_refused_naming_the_keys():
         check_plan([("generated",), ("original",)], [3, 0], counts, world=2, max_length=256)
     counts["original"]["by_status"] = {"read: missing field: instruction": 15, "ok": 1}  # one row: a bad row
     check_plan([("generated",), ("original",)], [3, 0], counts, world=2, max_length=256)
+
+
+def test_workers_this_machine_cannot_hold_are_refused_not_waited_for(tiny_model, generated, tmp_path):
+    """`--use-gpu` on a machine without enough GPUs: the job's own Ray instance can never place the workers, so
+    Ray Train waited for them forever (retrying its 60 s worker-group timeout, until 2026-12-06); now exit 2."""
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine holds two GPU workers")
+    t0 = time.perf_counter()
+    done = subprocess.run([*_cli(tiny_model, generated, tmp_path / "run"), "--use-gpu"], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(r"error: compute.num_workers / use_gpu / cpus_per_worker / resources_per_worker: training "
+                     r"workers \(2 x \{'CPU': 0.5, 'GPU': 1\}\) cannot start on this machine's Ray instance "
+                     r"\(\{'CPU': 2.0, 'GPU': [01]\} in all\): Ray would wait for them forever", done.stderr)
+    assert time.perf_counter() - t0 < 120 and "train: generated:" not in done.stderr  # before any data work

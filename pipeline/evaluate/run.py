@@ -138,7 +138,7 @@ def execute(batch: pa.Table, sandbox: SandboxConfig) -> pa.Table:
 
 def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run the job; returns the summary that it also writes to `output/summary.json`."""
-    from pipeline.generate import actor_pool, start_ray  # the same Ray start-up and engine actors as generate
+    from pipeline.generate import actor_pool, check_fits, engine_actor, start_ray  # as generate's
 
     check_model_here(cfg.model.path)
     evalplus = cfg.benchmark.plus_path is not None
@@ -152,6 +152,7 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
         raise ConfigError(f"output {out.uri} already holds an evaluation (summary.json); use a new --output "
                           f"or --overwrite")
     start_ray(cfg.compute.ray_address, verbose)
+    check_fits(engine_actor(cfg), 1, "engine actors", "compute.num_gpus_per_actor / compute.num_cpus_per_actor")
     started_at = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
     c = cfg.compute
@@ -160,8 +161,7 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     with job_ledger() as ledger:
         results = ds.map_batches(
             Completer, fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger}, batch_size=c.batch_size,
-            num_gpus=c.num_gpus_per_actor, num_cpus=c.num_cpus_per_actor, batch_format="pyarrow",
-            **actor_pool(cfg),
+            batch_format="pyarrow", **actor_pool(cfg),
         ).map_batches(
             execute, fn_kwargs={"sandbox": sandbox}, batch_size=c.batch_size, num_cpus=1, batch_format="pyarrow",
         ).take_all()

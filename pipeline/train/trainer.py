@@ -30,7 +30,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from pipeline import manifest as manifest_lib
-from pipeline.config import ConfigError, InputConfig, TrainConfig, to_dict
+from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, to_dict
 from pipeline.io import OutputDir, generate_version, read_corpus
 from pipeline.models import cap_at_context, model_version, other_model, resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
@@ -44,7 +44,7 @@ RUN_NAME = "checkpoints"
 def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.generate import start_ray
+    from pipeline.generate import check_fits, start_ray
 
     out = OutputDir(cfg.output)
     claim_output(out, cfg, overwrite)
@@ -53,6 +53,8 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
         log.info("train: %s holds this config's finished run; not redone (--overwrite starts afresh)", out.uri)
         return finished
     start_ray(cfg.compute.ray_address, verbose)
+    check_fits(worker_resources(cfg.compute), cfg.compute.num_workers, "training workers",
+               "compute.num_workers / use_gpu / cpus_per_worker / resources_per_worker")
     # Resolved here for the driver's tokenizer (and a missing path's error); the workers get `model.path` as
     # given and resolve it on their nodes, where `embedded` and `s3://` have their own node's cache.
     model_path = resolve_model_path(cfg.model.path, weights=False)
@@ -90,8 +92,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
         train_loop,
         train_loop_config=asdict(loop),
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.compute.cpus_per_worker, **cfg.compute.resources_per_worker,
-                                                           **({"GPU": 1} if use_gpu else {})}),
+                                     resources_per_worker=worker_resources(cfg.compute)),
         run_config=RunConfig(name=RUN_NAME, storage_path=out.uri,
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
@@ -104,6 +105,11 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     out.write_json("manifest.json", manifest)
     write_report(out, manifest, state["history"])
     return manifest
+
+
+def worker_resources(compute: TrainComputeConfig) -> dict[str, float]:
+    """What one training worker asks Ray for."""
+    return {"CPU": compute.cpus_per_worker, **compute.resources_per_worker, **({"GPU": 1} if compute.use_gpu else {})}
 
 
 @contextlib.contextmanager
