@@ -56,9 +56,32 @@ def resolve_model_path(path: str, weights: bool = True) -> str:
 
 def check_model_here(path: str) -> None:
     """For a driver, before any engine actor starts: a local model folder it can see is checked now (one line,
-    not the actors' start tracebacks). A path it cannot see may exist on the cluster's nodes: checked there."""
-    if path != EMBEDDED_MODEL and "://" not in path and Path(path).expanduser().is_dir():
+    not the actors' start tracebacks), and so is a hub id. A path it cannot see may exist on the cluster's
+    nodes: checked there."""
+    if path == EMBEDDED_MODEL or "://" in path:
+        return
+    if Path(path).expanduser().is_dir():
         resolve_model_path(path)  # for a local folder: only the check, nothing is fetched or built
+    elif not looks_local(path):
+        check_hub_model(path)
+
+
+def check_hub_model(repo_id: str) -> None:
+    """A hub id must be in this machine's Hugging Face cache or on the hub as this machine reaches it (its
+    config.json is fetched, a few kB): otherwise every engine actor fails in turn once the corpus is read,
+    each with a few hundred lines of the hub client's tracebacks."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return  # cached: no network call (the hub client retries an unreachable hub for ~25 s)
+        hf_hub_download(repo_id, "config.json")
+    except Exception as err:  # noqa: BLE001 - no network, no such repo, gated, an invalid id: all one answer
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"model.path: {repo_id} is not a folder on {socket.gethostname()}, and the Hugging Face "
+                          f"hub does not give it here ({type(err).__name__}: {reason}); give the model's local "
+                          f"folder (its absolute path, if only the cluster's nodes have it), an s3:// folder, "
+                          f"or a hub id this machine can fetch (HF_TOKEN for a gated one)") from None
 
 
 # Any of these at the top of a model folder is a tokenizer that transformers and vLLM can load (fast, sentencepiece,

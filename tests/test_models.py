@@ -87,12 +87,37 @@ def test_a_model_folder_without_its_config_or_tokenizer_is_named(tiny_model, tmp
         assert main([job, "--model", str(weights_only), "--output", str(tmp_path / job)]) == 2
         assert "weights-only has no tokenizer" in capsys.readouterr().err
         assert not (tmp_path / job).exists()  # before any work: no output folder made
-    for elsewhere in ("embedded", "/on/the/workers/only", "owner/hub-model", "s3://bucket/model"):
+    for elsewhere in ("embedded", "/on/the/workers/only", "s3://bucket/model"):
         check_model_here(elsewhere)  # not seen here: checked where it is loaded
     remote = tmp_path / "bucket" / "model"
     shutil.copytree(tiny_model, remote, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*"))
     with pytest.raises(ConfigError, match=r"model.path: file://.*/bucket/model has no tokenizer"):
         resolve_model_path(f"file://{remote}")
+
+
+def test_a_hub_id_this_machine_cannot_fetch_is_named_before_any_work(tmp_path, monkeypatch, capsys):
+    """An unreachable hub (or a mistyped id) failed every engine actor in turn, 543 lines of hub-client tracebacks
+    (generate) or one long traceback (train); now one line and exit 2 from each command, before any work. A hub
+    id in this machine's Hugging Face cache passes without a network call."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries against a missing network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ConfigError, match=r"model.path: owner/no-such-model is not a folder on .*, and the Hugging "
+                                          r"Face hub does not give it here \(\w+: .*\); give the model's local folder"):
+        check_model_here("owner/no-such-model")
+    for job in ("generate", "evaluate", "train"):
+        assert main([job, "--model", "owner/no-such-model", "--output", str(tmp_path / job)]) == 2
+        assert "model.path: owner/no-such-model is not a folder on" in capsys.readouterr().err
+        assert not (tmp_path / job).exists()
+    with pytest.raises(ConfigError, match=r"model.path: not a repo id! is not a folder"):
+        check_model_here("not a repo id!")
+    snapshot = tmp_path / "hub" / "models--owner--cached-model" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    check_model_here("owner/cached-model")
 
 
 def test_a_remote_path_that_is_not_a_model_folder_is_named(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, to_dict
 from pipeline.io import OutputDir, generate_version, read_corpus
-from pipeline.models import cap_at_context, model_version, other_model, resolve_model_path
+from pipeline.models import cap_at_context, check_model_here, model_version, other_model, resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import LoopConfig, train_loop
 from pipeline.train.report import write_report
@@ -46,6 +46,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
 
     from pipeline.generate import check_fits, start_ray
 
+    check_model_here(cfg.model.path)
     out = OutputDir(cfg.output)
     claim_output(out, cfg, overwrite)
     finished = None if overwrite else finished_run(out)
