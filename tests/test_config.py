@@ -203,3 +203,17 @@ def test_an_output_inside_a_ray_jobs_working_dir_copy_is_refused(tmp_path, monke
         assert load_config(overrides={"output": output}).output == output
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')  # a job without a working_dir
     assert load_config().output == "outputs/generate"
+
+
+def test_version_names_the_package_and_the_libraries_it_runs_on(capsys):
+    from importlib import metadata
+
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    line = capsys.readouterr().out.strip()
+    assert exited.value.code == 0 and "\n" not in line
+    assert line.startswith(f"inverse-instruct {metadata.version('inverse-instruct')} (python 3.")
+    for name in ("ray", "torch", "transformers", "pyarrow"):
+        assert f"{name} {metadata.version(name)}" in line
