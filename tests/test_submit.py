@@ -229,3 +229,17 @@ def test_ctrl_c_stops_the_job_on_the_cluster(cluster, tiny_model, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_job_started_by_a_python_without_the_requirements_says_what_it_lacks(tmp_path):
+    """A cluster started by a venv's `ray start` without the venv active runs `python -m ray_jobs.JOB` with another
+    python: one line naming it and what it lacks (was a ModuleNotFoundError traceback from pipeline/generate.py)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    bare = tmp_path / "bare" / "bin" / "python"
+    done = subprocess.run([str(bare), "-m", "ray_jobs.generate", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"error: {bare}, the `python` this job runs in, has no ray, pandas, pyarrow, ")
+    ours = subprocess.run([sys.executable, "-m", "ray_jobs.generate", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert ours.returncode == 0 and ours.stdout.startswith("usage: inverse-instruct generate")
