@@ -68,7 +68,8 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     check_model_here(cfg.model.path)
     out = OutputDir(cfg.output)
     start_ray(cfg.compute.ray_address, verbose)
-    check_fits(engine_actor(cfg), 1, "engine actors", "compute.num_gpus_per_actor / compute.num_cpus_per_actor")
+    check_fits(engine_actor(cfg), cfg.compute.min_actors, "engine actors",
+               "compute.min_actors / num_gpus_per_actor / num_cpus_per_actor")
     prints = fingerprint(cfg)
     model = model_version(cfg.model.path)
     _forget_changed_stages(out, prints, overwrite, model)
@@ -154,17 +155,21 @@ _own_instance = False  # start_ray started Ray itself: this machine's resources,
 
 def check_fits(bundle: dict[str, float], count: int, what: str, keys: str) -> None:
     """Refuse at once `count` actors of `bundle` (resource -> amount) that this process's own local Ray
-    instance can never hold (a GPU on a machine without one): Ray Data and Ray Train would wait forever for
-    a node that no autoscaler adds. On a cluster nodes may join; Ray's autoscaler says what it waits for."""
+    instance can never hold beside one CPU for Ray Data's tasks (reading, writing, shuffling feed the actors
+    and the training workers): Ray would wait forever for room that no autoscaler adds (a GPU on a machine
+    without one; on 2 cores, two 1-CPU engine actors or four 0.5-CPU training workers). On a cluster nodes
+    may join; Ray's autoscaler says what it waits for."""
     if not _own_instance:
         return
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    need = {k: v for k, v in bundle.items() if v}
+    have = {k: sum(node.get(k, 0) for node in nodes) for k in need}
+    if nodes:
+        max(nodes, key=lambda node: node.get("CPU", 0))["CPU"] -= 1  # Ray Data's tasks ask for 1 CPU each
     if placements(bundle, nodes) < count:
-        need = {k: v for k, v in bundle.items() if v}
-        have = {k: sum(node.get(k, 0) for node in nodes) for k in need}
-        raise ConfigError(f"{keys}: {what} ({count} x {need}) cannot start on this machine's Ray instance ({have} "
-                          f"in all): Ray would wait for them forever (for a cluster, set compute.ray_address or "
-                          f"RAY_ADDRESS)")
+        raise ConfigError(f"{keys}: {what} ({count} x {need}) and one CPU for Ray Data's tasks do not fit this "
+                          f"machine's Ray instance ({have} in all): Ray would wait for room forever (for a "
+                          f"cluster, set compute.ray_address or RAY_ADDRESS)")
 
 
 def placements(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
@@ -172,7 +177,7 @@ def placements(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
     need = {k: v for k, v in bundle.items() if v > 0}
     if not need:
         return sys.maxsize
-    return sum(min(int(node.get(k, 0) / v + 1e-9) for k, v in need.items()) for node in nodes)
+    return sum(min(int(max(node.get(k, 0), 0) / v + 1e-9) for k, v in need.items()) for node in nodes)
 
 
 # ---------------------------------------------------------------- stage 1: preprocess

@@ -152,7 +152,8 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
         raise ConfigError(f"output {out.uri} already holds an evaluation (summary.json); use a new --output "
                           f"or --overwrite")
     start_ray(cfg.compute.ray_address, verbose)
-    check_fits(engine_actor(cfg), 1, "engine actors", "compute.num_gpus_per_actor / compute.num_cpus_per_actor")
+    check_fits(engine_actor(cfg), cfg.compute.min_actors, "engine actors",
+               "compute.min_actors / num_gpus_per_actor / num_cpus_per_actor")
     started_at = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
     c = cfg.compute
