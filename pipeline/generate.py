@@ -148,6 +148,12 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
     # else starts its own instance; only the latter makes this process the head node.
     global _own_instance
     _own_instance = bool(getattr(getattr(ray._private.worker, "_global_node", None), "head", False))
+    # Said each run: without an address a cluster left running on this machine is joined silently.
+    have = ray.cluster_resources()
+    resources = f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs"
+    log.info("ray: %s", f"started a local instance ({resources})" if _own_instance else
+             f"joined the cluster at {ray.get_runtime_context().gcs_address} ({len(ray.nodes())} node(s), "
+             f"{resources} now)")
 
 
 _own_instance = False  # start_ray started Ray itself: this machine's resources, and no autoscaler to add more

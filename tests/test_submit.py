@@ -130,6 +130,7 @@ def test_generate_job_runs_on_the_cluster_and_reports_success(cluster, tiny_mode
 
     # The driver's own summary line came back through the streamed logs.
     assert "20 input rows ->" in done.stdout and "SUCCEEDED" in done.stderr
+    assert re.search(r"ray: joined the cluster at [\d.]+:\d+ \(1 node\(s\), 2 CPUs, 0 GPUs now\)", done.stdout)
     jobs = JobSubmissionClient(cluster)
     job_id = _job_id(done.stderr)
     assert jobs.get_job_status(job_id) == JobStatus.SUCCEEDED
