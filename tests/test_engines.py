@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,3 +253,48 @@ def test_the_drivers_vllm_log_level_reaches_the_engine_actors(ray_local, monkeyp
     # vLLM's stats line, when asked for, is an INFO line
     stats = GenerateConfig(model=ModelConfig(log_engine_stats=True))
     assert actor_pool(stats)["runtime_env"]["env_vars"]["VLLM_LOGGING_LEVEL"] == "INFO"
+
+
+OWNER = """
+import subprocess, sys, time
+from pipeline.engines import orphan_watch
+watcher = orphan_watch.watch()
+child = subprocess.Popen(["sleep", "600"])  # as vLLM's engine core, started after the watcher
+time.sleep(1.5)  # the watcher notes the owner's children every second
+if sys.argv[1] == "stops-it":
+    orphan_watch.stop(watcher)
+print(child.pid, watcher.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("owner", ["dies", "stops-it"])
+def test_an_engines_processes_die_with_their_owner_whatever_kills_it(owner, tmp_path):
+    """vLLM's engine core is a child of the engine actor. When the whole local Ray instance went down under the
+    actor (the command that started it killed, or Ctrl-C at a bad moment), nobody killed it: it ran on,
+    orphaned, holding its KV cache (7 GiB here; a GPU's memory on a workstation). The engine's watcher kills it
+    once its owner is gone, and does nothing once the owner has stopped it (the engine closed normally)."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, owner], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    child_pid, watcher_pid = map(int, proc.stdout.readline().split())
+    child = psutil.Process(child_pid)
+    proc.kill()  # SIGKILL: no atexit, no __del__, as when Ray's instance goes away
+    proc.wait()
+
+    def running() -> bool:
+        try:
+            return child.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert running() == (owner == "stops-it")
+        assert not psutil.pid_exists(watcher_pid) or psutil.Process(watcher_pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if running():
+            child.kill()

