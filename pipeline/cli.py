@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # refused by the job itself, e.g. an output folder that holds another config
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's code for it, not a traceback from wherever Ray was waiting
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001 - only an actor's start errors are handled; the rest is re-raised
         refused = actor_start_error(err)
         if refused is None:

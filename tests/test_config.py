@@ -217,3 +217,16 @@ def test_version_names_the_package_and_the_libraries_it_runs_on(capsys):
     assert line.startswith(f"inverse-instruct {metadata.version('inverse-instruct')} (python 3.")
     for name in ("ray", "torch", "transformers", "pyarrow"):
         assert f"{name} {metadata.version(name)}" in line
+
+
+def test_ctrl_c_ends_a_command_with_the_shells_code_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """Before, Ctrl-C printed a KeyboardInterrupt traceback from wherever Ray Data was waiting, and exit 1."""
+    import pipeline.generate
+    from pipeline.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.generate, "generate", interrupted)
+    assert main(["generate", "--output", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
