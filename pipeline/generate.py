@@ -277,9 +277,10 @@ def actor_pool(cfg: GenerateConfig | EvaluateConfig) -> dict[str, Any]:
     engine died (the actor exits, see `restart_actor_if_engine_dead`)."""
     c = cfg.compute
     concurrent = c.concurrent_batches if cfg.model.engine == "vllm" else 1
+    resources = engine_actor(cfg)
     args = {"compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors,
                                          enable_true_multi_threading=concurrent > 1),
-            "num_cpus": c.num_cpus_per_actor, "num_gpus": c.num_gpus_per_actor,  # = engine_actor(cfg)
+            "num_cpus": resources["CPU"], "num_gpus": resources["GPU"],
             "max_concurrency": concurrent, "max_restarts": c.max_actor_restarts}
     # By default Ray SIGKILLs a retiring worker's child processes before the actor's shutdown hook runs:
     # vLLM's engine core died unstopped, and Python's resource tracker with it (its KeyError tracebacks at

@@ -65,3 +65,19 @@ def left_behind(before: set[str], timeout_s: float) -> set[str]:
     while (left := engine_leftovers() - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def still_running(processes: list, timeout_s: float) -> list:
+    """Those of `processes` (psutil.Process) that have not exited after at most `timeout_s` (a zombie has)."""
+    import psutil
+
+    def running(process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while (alive := [p for p in processes if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive

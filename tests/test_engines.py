@@ -21,6 +21,7 @@ from pipeline.engines.hf_engine import HFEngine
 from pipeline.evaluate.run import Completer
 from pipeline.generate import actor_pool
 from pipeline.inverse import InverseInstruct
+from tests.process_tools import still_running
 
 
 def test_score_is_p_yes_over_p_yes_plus_p_no():
@@ -221,16 +222,7 @@ def test_an_engine_actor_that_does_not_retire_still_takes_its_child_processes_wi
     else:
         actor.crash.remote()
 
-    def running() -> bool:
-        try:
-            return child.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + 30
-    while running() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if running():
+    if still_running([child], timeout_s=30):
         child.kill()
         pytest.fail(f"the child process outlived its actor ({end})")
 
@@ -283,18 +275,10 @@ def test_an_engines_processes_die_with_their_owner_whatever_kills_it(owner, tmp_
     proc.kill()  # SIGKILL: no atexit, no __del__, as when Ray's instance goes away
     proc.wait()
 
-    def running() -> bool:
-        try:
-            return child.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + 10
-    while running() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    alive = still_running([child], timeout_s=10)
     try:
-        assert running() == (owner == "stops-it")
+        assert bool(alive) == (owner == "stops-it")
         assert not psutil.pid_exists(watcher_pid) or psutil.Process(watcher_pid).status() == psutil.STATUS_ZOMBIE
     finally:
-        if running():
+        if still_running([child], timeout_s=0):
             child.kill()

@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.generate import generate
-from tests.process_tools import engine_leftovers, kill_session, left_behind
+from tests.process_tools import engine_leftovers, kill_session, left_behind, still_running
 from tests.test_records import bad_rows_jsonl
 
 pytestmark = pytest.mark.slow
@@ -203,20 +203,8 @@ def test_no_vllm_engine_outlives_the_ray_instance_it_ran_in(tiny_model, corpus_f
             process.kill()  # the driver and its Ray instance; Ray's workers then exit on their own
         proc.wait()
 
-        def running() -> list[int]:
-            alive = []
-            for engine in engines:
-                try:
-                    if engine.status() != psutil.STATUS_ZOMBIE:
-                        alive.append(engine.pid)
-                except psutil.NoSuchProcess:
-                    pass
-            return alive
-
-        deadline = time.monotonic() + 30
-        while running() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not running(), f"vLLM's engine core {running()} outlived the Ray instance it ran in"
+        left = still_running(engines, timeout_s=30)
+        assert not left, f"vLLM's engine core {[p.pid for p in left]} outlived the Ray instance it ran in"
     finally:
         kill_session(proc)
 

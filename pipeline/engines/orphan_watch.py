@@ -25,10 +25,9 @@ def watch() -> subprocess.Popen:
                             stdin=subprocess.DEVNULL)
 
 
-def stop(watcher: subprocess.Popen | None) -> None:
-    if watcher is not None:
-        watcher.kill()
-        watcher.wait()
+def stop(watcher: subprocess.Popen) -> None:
+    watcher.kill()
+    watcher.wait()
 
 
 def _watch(owner: int, every_s: float = 1.0) -> None:
