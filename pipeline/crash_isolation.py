@@ -14,10 +14,11 @@ every engine it reaches, that alone would use up `compute.max_actor_restarts` an
   that has been in two crashes, the last one alone in its engine, is rejected ("engine crash") without
   another try.
 
-The ledger also knows which actors have their engine up, for the driver's sake: Ray retires a stage's
-actors in the background once its work is done, and a driver that ends first takes the local Ray
-instance down with them, before they have closed their engines (vLLM's engine core leaves its shared
-memory in /dev/shm then). So `job_ledger` waits, bounded, until every engine is closed.
+The ledger also counts the rows done and knows which actors have their engine up, for the driver's sake:
+its progress lines (pipeline/progress.py), and its exit: Ray retires a stage's actors in the background once
+its work is done, and a driver that ends first takes the local Ray instance down with them, before they have
+closed their engines (vLLM's engine core leaves its shared memory in /dev/shm then). So `job_ledger` waits,
+bounded, until every engine is closed.
 
 One poisonous snippet costs two actor restarts. The price of a crash that no snippet caused (a spot node
 taken back, the OOM killer) is that the snippets in flight run again one at a time, slower but with the
@@ -56,6 +57,7 @@ class CrashLedger:
         self.dead: set[str] = set()
         self.rejected: set[str] = set()
         self.engines_up: set[str] = set()  # processes whose engine is open
+        self.finished = 0  # rows done (scored, or rejected here), for the driver's progress lines
 
     def examine(self, ids: list[str]) -> dict[str, list[int]]:
         """The crash history of each snippet about to run. A snippet still in flight elsewhere is being
@@ -74,6 +76,7 @@ class CrashLedger:
         self.holder.update((i, process) for i in ids)
 
     def end(self, process: str, ids: list[str]) -> None:
+        self.finished += len(ids)
         for i in ids:
             self.in_flight.get(process, set()).discard(i)
             if self.holder.get(i) == process:
@@ -88,6 +91,10 @@ class CrashLedger:
     def engines_open(self) -> int:
         """Engines still to be closed; a process known to have died has nothing left to close."""
         return len(self.engines_up - self.dead)
+
+    def progress(self) -> tuple[int, int]:
+        """(rows done, engines up): see pipeline/progress.py."""
+        return self.finished, self.engines_open()
 
     def summary(self) -> dict[str, int]:
         """For the run manifest."""
@@ -210,6 +217,7 @@ class CrashIsolation:
             details = [f"the engine died {len(history[ids[r]])} times with this snippet in flight, the last "
                        "time with no other snippet; not tried again" for r in guilty]
             parts.append((guilty, reject(batch.take(guilty), details)))
+            self._ask("end", self.process, [ids[r] for r in guilty])  # done: counted in the progress lines
         if ordinary:
             parts.append((ordinary, self._turn(batch, ordinary, score, self.turns.shared)))
         for r in suspects:

@@ -32,6 +32,7 @@ from ray.data.expressions import col
 from pipeline import manifest
 from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig, fingerprint
 from pipeline.crash_isolation import CrashLedger, job_ledger
+from pipeline.progress import progress_lines
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, check_output_seen_everywhere, read_corpus
@@ -243,7 +244,8 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     c = cfg.compute
     crashes = CrashLedger().summary()  # all zeros when nothing runs
     if total - len(done) > 0:
-        with job_ledger() as ledger:  # finds and rejects a snippet that kills every engine it reaches
+        with (job_ledger() as ledger,  # finds and rejects a snippet that kills every engine it reaches
+              progress_lines(ledger, "inverse", "snippets", total, len(done), c.progress_every_s)):
             # Blocks of one batch each: every finished batch is written as its own file at once, which is
             # the unit of resume (otherwise a whole input block's results wait in memory until it is done).
             todo = todo.repartition(target_num_rows_per_block=c.batch_size)

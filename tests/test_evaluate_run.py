@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -47,13 +48,15 @@ def check_outputs(out: Path, benchmark: str, n: int) -> dict:
 
 
 @pytest.mark.slow
-def test_evaluate_humaneval_from_the_command_line(tiny_model, ray_local, tmp_path):
+def test_evaluate_humaneval_from_the_command_line(tiny_model, ray_local, tmp_path, caplog):
     out = tmp_path / "he"
     argv = ["evaluate", "--model", tiny_model, "--benchmark", "humaneval", "--limit", "4", "--engine",
             "transformers", "--output", str(out), "--set", "generation.max_new_tokens=24",
-            "--set", "compute.batch_size=2"]
+            "--set", "compute.batch_size=2", "--set", "compute.progress_every_s=0.2"]
     assert main(argv) == 0
     check_outputs(out, "humaneval", 4)
+    progress = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    assert progress and all(re.match(r"evaluate: [0-4] of 4 completions \(", line) for line in progress), progress
     assert main(argv) == 2  # a finished evaluation is not overwritten by accident
     assert main([*argv, "--overwrite", "--limit", "2"]) == 0
     check_outputs(out, "humaneval", 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,7 +131,8 @@ def test_every_input_row_ends_in_exactly_one_place(ray_local, tiny_model, corpus
 
 def _cli(tiny_model: str, folder: Path, output: Path) -> list[str]:
     overrides = tiny_overrides(tiny_model, folder, output, **{"compute.batch_size": 1,
-                                                              "summarize.max_new_tokens": 24})
+                                                              "summarize.max_new_tokens": 24,
+                                                              "compute.progress_every_s": 0.5})
     args = [sys.executable, "-m", "pipeline.cli", "generate"]
     for key, value in overrides.items():
         args += ["--set", f"{key}={value}"]
@@ -162,6 +164,10 @@ def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
     manifest = json.loads((cut / "manifest.json").read_text())
     assert manifest["resume"]["inverse_snippets_resumed"] >= 1
     assert manifest["resume"]["inverse_snippets_scored_now"] >= 1
+    # Its progress lines count the snippets scored before the kill.
+    resumed = manifest["resume"]["inverse_snippets_resumed"]
+    assert re.search(rf"inverse: \d+ of {manifest['counts']['snippets']} snippets \(\d+\.\d%\) after \d+s "
+                     rf"\({resumed} from an earlier run\); \d engines? up", done.stderr), done.stderr[-3000:]
     for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
         assert read(cut / folder, keys) == read(full / folder, keys), folder
 

@@ -173,6 +173,8 @@ class ComputeConfig:
     engine it reaches costs two restarts and is then rejected (see pipeline/crash_isolation.py)."""
     ray_address: str | None = None
     """`auto` or `ray://...` to join a cluster; None starts (or reuses) a local one."""
+    progress_every_s: float = Field(default=60.0, ge=0.0)
+    """Seconds between the engine stage's progress lines (rows done, engines up, rate, time left); 0 = none."""
 
     def __post_init__(self) -> None:
         if self.max_actors < self.min_actors:

@@ -32,6 +32,7 @@ from pipeline.evaluate.sandbox import Outcome, run_program
 from pipeline.io import OutputDir
 from pipeline.manifest import versions
 from pipeline.models import check_model_here, resolve_model_path
+from pipeline.progress import progress_lines
 from pipeline.prompts import PromptBuilder
 
 FILES = ("samples.jsonl", "results.jsonl", "summary.json")
@@ -159,7 +160,8 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     c = cfg.compute
     items = [{"index": i, **p.to_row()} for i, p in enumerate(problems)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // c.batch_size)))
-    with job_ledger() as ledger:
+    with job_ledger() as ledger, progress_lines(ledger, "evaluate", "completions", len(items),
+                                                every_s=c.progress_every_s):
         results = ds.map_batches(
             Completer, fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger}, batch_size=c.batch_size,
             batch_format="pyarrow", **actor_pool(cfg),
