@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,11 +33,11 @@ from ray.data.expressions import col
 from pipeline import manifest
 from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig, fingerprint
 from pipeline.crash_isolation import CrashLedger, job_ledger
-from pipeline.progress import progress_lines
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, check_output_seen_everywhere, read_corpus
 from pipeline.models import check_model_here, model_version, other_model
+from pipeline.progress import progress_lines
 from pipeline.select import decide, tie_summary
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,10 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
     # Ray Data's progress report is one log block every few seconds when stderr is not a terminal.
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    # Its warning that they are off tells a user to set a Python attribute: here that is what -v does.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)
+    # Each run warned of `ray_remote_args`, which nothing here can avoid yet (see pyproject.toml's ray cap).
+    warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")
     if not verbose:  # vLLM logs at INFO inside the engine actors; `actor_pool` hands them this level
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if ray.is_initialized():
