@@ -242,6 +242,10 @@ class CrashIsolation:
 
         try:
             return ray.get(getattr(self.ledger, method).remote(*args), timeout=timeout_s)
+        except ray.exceptions.ActorDiedError:  # the driver stopped it (the ledger restarts otherwise): the
+            # job is over (interrupted, failed) and this actor about to go; its batch's result goes nowhere
+            log.debug("crash ledger: gone (the job is over); %s not recorded", method)
+            return None
         except Exception:  # noqa: BLE001
             log.log(failure_level, "crash ledger: %s failed; going on without it for this call", method,
                     exc_info=True)
