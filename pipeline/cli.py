@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.config import (ConfigError, EvaluateConfig, GenerateConfig, LoopConfig, SubmitConfig, TrainConfig,
                              load_config, parse_yaml)
@@ -184,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    with _ctrl_c_once():
+        return _run(cfg, args)
+
+
+def _run(cfg: Any, args: argparse.Namespace) -> int:
     try:
         return args.run(cfg, args)
     except ConfigError as err:  # refused by the job itself, e.g. an output folder that holds another config
@@ -201,6 +209,29 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()  # first: the dead actor's last log lines would otherwise bury the message
         print(f"error: {refused[0]}", file=sys.stderr)
         return refused[1]
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    """The first Ctrl-C stops the command; later ones are ignored: users press it twice, and a second one broke
+    what the first set going halfway (Ray's shutdown at exit: a traceback, and the local instance's dashboard
+    and runtime-env agents left running; `submit`: the request that stops the job on the cluster)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _ctrl_c_once() -> Iterator[None]:
+    # Only where Ctrl-C has Python's default meaning: a shell's background job ignores it, and so do we then.
+    if threading.current_thread() is not threading.main_thread() or (
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    signal.signal(signal.SIGINT, _interrupted)
+    try:
+        yield
+    finally:  # in-process callers (tests) get Ctrl-C back; after a Ctrl-C it stays ignored until the exit
+        if signal.getsignal(signal.SIGINT) is _interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Errors of an engine actor's start that end the command with one line, and its exit code.

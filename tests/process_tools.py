@@ -19,15 +19,8 @@ def kill_session(leader: subprocess.Popen, timeout_s: float = 60) -> None:
     the kill). Returns once none of them runs."""
     import psutil
 
-    def running() -> list[psutil.Process]:
-        found = []
-        for process in psutil.process_iter():
-            try:
-                if os.getsid(process.pid) == leader.pid and process.status() != psutil.STATUS_ZOMBIE:
-                    found.append(process)
-            except (OSError, psutil.Error):  # gone meanwhile
-                pass
-        return found
+    def running() -> list:
+        return session_processes(leader.pid)
 
     deadline = time.monotonic() + timeout_s
     while (left := running()) and time.monotonic() < deadline:
@@ -40,6 +33,20 @@ def kill_session(leader: subprocess.Popen, timeout_s: float = 60) -> None:
         time.sleep(0.1)
     leader.wait()
     assert not running(), f"processes of the killed session {leader.pid} still run"
+
+
+def session_processes(leader_pid: int) -> list:
+    """The running processes (psutil.Process, zombies left out) of the session that `leader_pid` leads."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == leader_pid and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (OSError, psutil.Error):  # gone meanwhile
+            pass
+    return found
 
 
 def engine_leftovers() -> set[str]:

@@ -22,7 +22,8 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.generate import generate
-from tests.process_tools import engine_leftovers, kill_session, left_behind, still_running
+from tests.process_tools import (engine_leftovers, kill_session, left_behind, session_processes,
+                                 still_running)
 from tests.test_records import bad_rows_jsonl
 
 pytestmark = pytest.mark.slow
@@ -170,6 +171,33 @@ def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
                      rf"\({resumed} from an earlier run\); \d engines? up", done.stderr), done.stderr[-3000:]
     for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
         assert read(cut / folder, keys) == read(full / folder, keys), folder
+
+
+def test_ctrl_c_pressed_twice_stops_the_run_cleanly(tiny_model, corpus_folder, tmp_path):
+    """Users press Ctrl-C twice. The second one broke Ray's shutdown at exit halfway: a KeyboardInterrupt
+    traceback after `interrupted`, and the local instance's dashboard and runtime-env agents left running."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(_cli(tiny_model, corpus_folder, tmp_path / "run"), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # as in a terminal (a shell's background job, CI's, inherits an ignored SIGINT)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        seen = []
+        for line in proc.stderr:  # interrupted while the engine works, as a user does
+            seen.append(line)
+            if "1 engine up" in line:
+                break
+        assert proc.poll() is None, "".join(seen)[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C goes to the whole foreground group
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130, rest[-3000:]
+        assert "Traceback" not in rest and rest.rstrip().splitlines()[-1] == "interrupted", rest[-3000:]
+        assert not still_running(session_processes(proc.pid), timeout_s=30)
+    finally:
+        kill_session(proc)
 
 
 @pytest.mark.vllm
