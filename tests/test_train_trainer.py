@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.process_tools import kill_session
+from tests.process_tools import kill_session, session_processes, still_running
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_CONFIG = REPO / "configs" / "train_cpu.yaml"
@@ -104,6 +105,36 @@ def test_killed_driver_resumes_from_its_checkpoint(tiny_model, generated, tmp_pa
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_training_with_its_exit_code_and_the_same_command_resumes(tiny_model, generated, tmp_path):
+    """Ray Train's Ctrl-C handler aborted the run and the command then exited 1 without a word."""
+    out, log = tmp_path / "run", tmp_path / "interrupted.log"
+    args = _cli(tiny_model, generated, out, "data.limit=60", "optim.global_batch_size=4", "checkpoint.every_steps=5")
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, env=_env(), start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
+                                # as in a terminal (a shell's background job, CI's, inherits an ignored SIGINT)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline and proc.poll() is None and not _checkpoint_steps(out):
+                time.sleep(0.05)
+            assert proc.poll() is None, "the run finished (or failed) before it could be interrupted"
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C goes to the whole foreground group
+            assert proc.wait(timeout=60) == 130, log.read_text()[-3000:]
+            assert not still_running(session_processes(proc.pid), timeout_s=30)
+        finally:
+            kill_session(proc)
+    text = log.read_text()
+    assert "interrupted\n" in text and "Traceback" not in text, text[-3000:]
+    assert not (out / "model").exists()
+
+    done = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["resumed_from_step"]) == 1 and m["resumed_from_step"][0] > 0  # from a checkpoint
+    assert m["steps"] == sum(m["planned_steps"])
+
+
+@pytest.mark.slow
 def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_model, generated, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,8 +149,11 @@ def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_m
                                    "output": str(tmp_path), "lora.enabled": False, "data.packing": False,
                                    "data.schedule": "mixed",
                                    "data.limit": 20, "data.max_length": 128}, schema=TrainConfig)
+    ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         m = train(cfg)
+        # Ray Train's own Ctrl-C handler, left installed after fit, took a later Ctrl-C (in a loop's evaluations).
+        assert signal.getsignal(signal.SIGINT) is ctrl_c
         checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
         assert train(cfg) == m  # the same command again: the finished run is not redone
         assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == checkpoints

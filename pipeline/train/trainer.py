@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import threading
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +27,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is import
 
 import ray
 import ray.data
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import manifest as manifest_lib
@@ -100,12 +101,35 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
         datasets=datasets,
         dataset_config=ingest_config(),
     )
-    result = trainer.fit()
+    result = fit_keeping_ctrl_c(trainer)
     state = _read_state(result.checkpoint)
     manifest = build_manifest(cfg, prompt_format, max_length, phases, planned, counts, state, out)
     out.write_json("manifest.json", manifest)
     write_report(out, manifest, state["history"])
     return manifest
+
+
+def fit_keeping_ctrl_c(trainer: TorchTrainer) -> Result:
+    """`trainer.fit()` in a helper thread. Called in the main thread, fit installs Ray Train's own Ctrl-C
+    handler: it aborts the run, after which the process exits 1 without a word, and it stays installed after
+    fit (a Ctrl-C during the loop's evaluations then reached a finished run's controller). In another thread
+    fit installs none, so Ctrl-C stays the command's: `interrupted`, exit 130, and the same command resumes
+    from the last checkpoint (as after any other stop)."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller as it is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="train-fit", daemon=True)  # daemon: Ctrl-C does not wait for it
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # a bounded join lets the main thread take Ctrl-C at once
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def worker_resources(compute: TrainComputeConfig) -> dict[str, float]:
