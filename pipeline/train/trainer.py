@@ -112,9 +112,9 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
 def fit_keeping_ctrl_c(trainer: TorchTrainer) -> Result:
     """`trainer.fit()` in a helper thread. Called in the main thread, fit installs Ray Train's own Ctrl-C
     handler: it aborts the run, after which the process exits 1 without a word, and it stays installed after
-    fit (a Ctrl-C during the loop's evaluations then reached a finished run's controller). In another thread
-    fit installs none, so Ctrl-C stays the command's: `interrupted`, exit 130, and the same command resumes
-    from the last checkpoint (as after any other stop)."""
+    fit (a Ctrl-C during the loop's later evaluations went to it). In another thread fit installs none, so
+    Ctrl-C stays the command's: `interrupted`, exit 130, and the same command resumes from the last
+    checkpoint Ray Train registered (as after any other stop)."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -126,7 +126,7 @@ def fit_keeping_ctrl_c(trainer: TorchTrainer) -> Result:
     thread = threading.Thread(target=fit, name="train-fit", daemon=True)  # daemon: Ctrl-C does not wait for it
     thread.start()
     while thread.is_alive():
-        thread.join(timeout=0.5)  # a bounded join lets the main thread take Ctrl-C at once
+        thread.join(timeout=0.5)  # bounded: the main thread takes Ctrl-C at once on every platform
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
