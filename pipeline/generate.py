@@ -31,7 +31,7 @@ from ray.data import ActorPoolStrategy, SaveMode
 from ray.data.expressions import col
 
 from pipeline import manifest
-from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig, fingerprint
+from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig, config_changes, fingerprint, stage_configs
 from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
@@ -72,9 +72,9 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     start_ray(cfg.compute.ray_address, verbose)
     check_fits(engine_actor(cfg), cfg.compute.min_actors, "engine actors",
                "compute.min_actors / num_gpus_per_actor / num_cpus_per_actor")
-    prints = fingerprint(cfg)
+    sections, prints = stage_configs(cfg), fingerprint(cfg)
     model = model_version(cfg.model.path)
-    _forget_changed_stages(out, prints, overwrite, model)
+    _forget_changed_stages(out, sections, prints, overwrite, model)
     stats: dict[str, dict[str, Any]] = {}
     rerun = False  # once a stage runs, every later one reads new inputs and runs too
     for stage, run in (("preprocess", _preprocess), ("inverse", _inverse), ("select", _select)):
@@ -87,7 +87,8 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
         # The token lets every node that writes results check it sees this folder (a local one on a cluster).
         token = uuid.uuid4().hex
         out.write_json(f"_stages/{stage}.started.json",
-                       {"fingerprint": prints[stage], "token": token, "model_version": model})
+                       {"fingerprint": prints[stage], "token": token, "model_version": model,
+                        "config": sections[stage]})  # to name what changed if a rerun is refused
         check_output_seen_everywhere(cfg.output, out.sub(f"_stages/{stage}.started.json"), token)
         t0 = time.perf_counter()
         counts = run(cfg, out)
@@ -101,7 +102,8 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     return result
 
 
-def _forget_changed_stages(out: OutputDir, prints: dict[str, str], overwrite: bool, model: str | None) -> None:
+def _forget_changed_stages(out: OutputDir, sections: dict[str, dict[str, Any]], prints: dict[str, str],
+                           overwrite: bool, model: str | None) -> None:
     """Make stages whose recorded config differs from this one run again, from the first such stage on.
 
     Redoing `preprocess` or `inverse` discards the scored work of `inverse` (or would mix two configs in
@@ -120,11 +122,16 @@ def _forget_changed_stages(out: OutputDir, prints: dict[str, str], overwrite: bo
         return
     expensive = [s for s in changed if s != "select"]
     if expensive and recorded["inverse"] is not None and not overwrite:
-        what = ("another model (the files at model.path changed since)" if model_changed and expensive[0] == "inverse"
-                else "a different config (or by a version of inverse-instruct with other config keys)")
-        article = "an" if expensive[0] == "inverse" else "a"
+        first = expensive[0]
+        if recorded[first] != prints[first]:
+            before = started[first].get("config")  # absent from markers written before it was recorded
+            what = (f"a different config ({'; '.join(config_changes(before, sections[first]))})" if before
+                    else "a different config (or by a version of inverse-instruct with other config keys)")
+        else:
+            what = "another model (the files at model.path changed since)"
+        article = "an" if first == "inverse" else "a"
         raise ConfigError(
-            f"output {out.uri} holds {article} `{expensive[0]}` stage made with {what}; use a new "
+            f"output {out.uri} holds {article} `{first}` stage made with {what}; use a new "
             f"--output, or --overwrite to redo it (and what follows) with this config"
         )
     for stage in STAGES[STAGES.index(changed[0]):]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser, config_from_args
-from pipeline.config import ConfigError, EvaluateConfig, LoopConfig, TrainConfig, fingerprint, load_config
+from pipeline.config import (ConfigError, EvaluateConfig, LoopConfig, TrainConfig, config_changes, fingerprint,
+                             load_config, stage_configs)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -135,6 +136,16 @@ def test_fingerprint_ignores_compute_but_not_the_model():
     assert changed["preprocess"] == base["preprocess"] and changed["inverse"] != base["inverse"]
     only_select = fingerprint(load_config(overrides={"select.min_score": 0.5}))
     assert only_select["inverse"] == base["inverse"] and only_select["select"] != base["select"]
+
+
+def test_config_changes_name_each_changed_key_for_a_refused_resume():
+    old, new = stage_configs(load_config())["inverse"], stage_configs(load_config(overrides={
+        "input.limit": 80, "model.path": "other", "compute.batch_size": 99}))["inverse"]
+    assert config_changes(old, new) == ['input.limit: null -> 80', 'model.path: "embedded" -> "other"']
+    assert config_changes(old, old) == []
+    assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": [2]}}) == ["a.c: (no such key) -> [2]"]
+    many = config_changes({f"k{i}": i for i in range(9)}, {f"k{i}": -i - 1 for i in range(9)})
+    assert len(many) == 7 and many[0] == "k0: 0 -> -1" and many[-1] == "3 more"
 
 
 def test_cli_reports_config_errors_before_any_work(capsys):

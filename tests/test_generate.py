@@ -103,7 +103,7 @@ def test_every_input_row_ends_in_exactly_one_place(ray_local, tiny_model, corpus
     assert read(out / "selected", ["id"]) == selected
 
     # A changed generation config is refused rather than mixed into the same folder...
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"different config \(summarize\.num_candidates: 3 -> 4\)"):
         generate(load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out,
                                                       **{"summarize.num_candidates": 4})))
     # ...while a changed selection threshold only redoes the cheap select stage.

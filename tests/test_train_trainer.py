@@ -197,7 +197,7 @@ def test_an_output_folder_resumes_only_its_own_config(tmp_path):
                                   schema=TrainConfig), overwrite=False)  # the default corpus, named: the same run
     assert (tmp_path / RUN_NAME / "step_000005").exists()
     changed = load_config(CPU_CONFIG, {"optim.lr": 1e-3}, schema=TrainConfig)
-    with pytest.raises(ConfigError, match="another config"):
+    with pytest.raises(ConfigError, match=r"run of another config \(optim\.lr: 0\.0002 -> 0\.001\); use a new"):
         claim_output(out, changed, overwrite=False)
     claim_output(out, changed, overwrite=True)
     assert not (tmp_path / RUN_NAME).exists()

@@ -124,8 +124,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def fingerprint(cfg: GenerateConfig) -> dict[str, str]:
-    """Hashes of the config sections that decide each stage's output, for safe resume.
+def stage_configs(cfg: GenerateConfig) -> dict[str, dict[str, Any]]:
+    """The config sections that decide each stage's output, for safe resume.
 
     `compute`, `output` and the model's engine speed knobs are left out: changing the cluster shape must
     not invalidate finished work.
@@ -137,7 +137,34 @@ def fingerprint(cfg: GenerateConfig) -> dict[str, str]:
         "inverse": ["input", "extract", "model", "summarize", "judge"],
         "select": ["input", "extract", "model", "summarize", "judge", "select", "decontaminate"],
     }
-    return {stage: _hash({k: d[k] for k in keys}) for stage, keys in stages.items()}
+    return {stage: {k: d[k] for k in keys} for stage, keys in stages.items()}
+
+
+def fingerprint(cfg: GenerateConfig) -> dict[str, str]:
+    """A hash of each stage's `stage_configs`."""
+    return {stage: _hash(sections) for stage, sections in stage_configs(cfg).items()}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], most: int = 6) -> list[str]:
+    """`key: old -> new` (dotted keys) for each value that differs, for a message refusing to resume."""
+    changes: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{key}.{k}" if key else k)
+        elif a != b:
+            changes.append(f"{key}: {_shown(a)} -> {_shown(b)}")
+
+    walk(old, new, "")
+    return changes if len(changes) <= most else [*changes[:most], f"{len(changes) - most} more"]
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    return "(no such key)" if value is _ABSENT else json.dumps(value)
 
 
 def _hash(obj: Any) -> str:

@@ -31,7 +31,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunCo
 from ray.train.torch import TorchTrainer
 
 from pipeline import manifest as manifest_lib
-from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, to_dict
+from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, config_changes, to_dict
 from pipeline.io import OutputDir, generate_version, read_corpus
 from pipeline.models import cap_at_context, check_model_here, model_version, other_model, resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
@@ -171,16 +171,17 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     version = generate_version(str(cfg.data.generated)) if cfg.data.generated else None
     base = model_version(cfg.model.path)  # a base model trained again into its folder is another run too
     previous = out.read_json("train_config.json")
-    changed = previous is not None and (previous["fingerprint"] != fingerprint or
-                                        previous.get("generated_version", version) != version or
-                                        other_model(previous.get("model_version"), base))
+    changed: list[str] = []  # what makes the folder's run another one, for the refusal
+    if previous is not None and previous["fingerprint"] != fingerprint:
+        changed.append(f"another config ({'; '.join(config_changes(previous['config'], keys))})")
+    if previous is not None and previous.get("generated_version", version) != version:
+        changed.append("other generated pairs (the generate run of data.generated selected them again since)")
+    if previous is not None and other_model(previous.get("model_version"), base):
+        changed.append("another model at model.path (its files changed since)")
     if previous is not None and (overwrite or changed):
         if not overwrite and (out.exists(RUN_NAME) or out.exists("model")):
-            raise ConfigError(f"{out.uri} holds a training run of another config (data, model, lora or optim "
-                              f"changed, or keys of another inverse-instruct version), of another model at "
-                              f"model.path (its files changed since), or of other "
-                              f"generated pairs (the generate run of data.generated selected them again since); "
-                              f"use a new --output, or --overwrite to start it afresh")
+            raise ConfigError(f"{out.uri} holds a training run of {' and of '.join(changed)}; use a new --output, "
+                              f"or --overwrite to start it afresh")
         for name in (RUN_NAME, "model", "manifest.json", "report.md", "loss.png"):
             out.remove(name)
     out.write_json("train_config.json", {"fingerprint": fingerprint, "config": keys, "generated_version": version,
