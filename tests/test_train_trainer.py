@@ -125,6 +125,7 @@ def test_ctrl_c_stops_training_with_its_exit_code_and_the_same_command_resumes(t
             kill_session(proc)
     text = log.read_text()
     assert "interrupted\n" in text and "Traceback" not in text, text[-3000:]
+    assert re.search(r"\[train\] step \d+/\d+ .* eta (\d+h\d\dm|\d+m\d\ds|\d+s) data \w+\n", text)  # time left
     assert not (out / "model").exists()
 
     done = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)

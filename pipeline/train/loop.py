@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from pipeline.models import resolve_model_path
+from pipeline.progress import duration
 from pipeline.train.data import Collate
 
 # A logger, not print: Ray Train V2 turns a worker's print into a log record AND, where Ray wraps stdout,
@@ -113,6 +114,7 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info(f"[train] start at step {state.step} (phase {state.phase}, step {state.phase_step} in it); "
                  f"plan {c.planned_steps} steps per phase; {n_params / 1e6:.1f}M params")
     total = sum(c.planned_steps) if c.max_steps is None else min(sum(c.planned_steps), c.max_steps)
+    session_start, session_first_step = time.perf_counter(), state.step  # for the time left (data, checkpoints too)
     collate = Collate(pad_id=c.pad_id, packed=c.packing)
     while state.phase < len(c.phases) and not state.done:
         shard = ray.train.get_dataset_shard(f"phase{state.phase}")
@@ -134,9 +136,10 @@ def train_loop(config: dict[str, Any]) -> None:
                      "tokens_per_s": round(tps, 1), "mfu": mfu, "data": batch_digest(micro)}
             state.history.append(entry)
             if rank == 0:
+                per_step = (time.perf_counter() - session_start) / (state.step - session_first_step)
                 log.info(f"[train] step {state.step}/{total} phase {state.phase} loss {loss:.4f} "
                          f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} MFU {'null' if mfu is None else f'{mfu:.3f}'} "
-                         f"data {entry['data']}")
+                         f"eta {duration(per_step * (total - state.step))} data {entry['data']}")
             if state.step % c.checkpoint_every == 0:
                 save_checkpoint(c, model, optimizer, scheduler, state, rank)
         if state.step >= total:
@@ -239,6 +242,7 @@ def build_optimizer(c: LoopConfig, model: torch.nn.Module) -> tuple[torch.optim.
     else:
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     total = sum(c.planned_steps) if c.max_steps is None else min(sum(c.planned_steps), c.max_steps)
+    session_start, session_first_step = time.perf_counter(), state.step  # for the time left (data, checkpoints too)
     if c.lr_schedule == "linear":
         return optimizer, get_linear_schedule_with_warmup(optimizer, c.warmup_steps, max(total, 1))
     return optimizer, get_constant_schedule_with_warmup(optimizer, c.warmup_steps)
