@@ -251,11 +251,21 @@ OWNER = """
 import subprocess, sys, time
 from pipeline.engines import orphan_watch
 watcher = orphan_watch.watch()
-child = subprocess.Popen(["sleep", "600"])  # as vLLM's engine core, started after the watcher
+# as vLLM's engine core, started after the watcher, with a message queue in shared memory
+child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+segment = child.stdout.readline().strip()
 time.sleep(1.5)  # the watcher notes the owner's children every second
 if sys.argv[1] == "stops-it":
     orphan_watch.stop(watcher)
-print(child.pid, watcher.pid, flush=True)
+print(child.pid, watcher.pid, segment, flush=True)
+time.sleep(600)
+"""
+CHILD = """
+import time
+from multiprocessing import resource_tracker, shared_memory
+segment = shared_memory.SharedMemory(create=True, size=4096)
+resource_tracker.unregister(segment._name, "shared_memory")  # as a killed owner leaves it: nobody unlinks it
+print(segment._name, flush=True)
 time.sleep(600)
 """
 
@@ -268,17 +278,22 @@ def test_an_engines_processes_die_with_their_owner_whatever_kills_it(owner, tmp_
     once its owner is gone, and does nothing once the owner has stopped it (the engine closed normally)."""
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-c", OWNER, owner], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
-    child_pid, watcher_pid = map(int, proc.stdout.readline().split())
-    child = psutil.Process(child_pid)
+    proc = subprocess.Popen([sys.executable, "-c", f"CHILD = {CHILD!r}\n{OWNER}", owner], stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parent.parent)
+    child_pid, watcher_pid, segment = proc.stdout.readline().split()
+    child, segment_file = psutil.Process(int(child_pid)), Path("/dev/shm") / segment.lstrip("/")
+    assert segment_file.exists()
     proc.kill()  # SIGKILL: no atexit, no __del__, as when Ray's instance goes away
     proc.wait()
 
     alive = still_running([child], timeout_s=10)
     try:
         assert bool(alive) == (owner == "stops-it")
-        assert not psutil.pid_exists(watcher_pid) or psutil.Process(watcher_pid).status() == psutil.STATUS_ZOMBIE
+        assert not psutil.pid_exists(int(watcher_pid)) or (
+            psutil.Process(int(watcher_pid)).status() == psutil.STATUS_ZOMBIE)
+        # its shared memory is gone with it (vLLM's message queues stayed in /dev/shm)
+        assert segment_file.exists() == (owner == "stops-it")
     finally:
         if still_running([child], timeout_s=0):
             child.kill()
+        segment_file.unlink(missing_ok=True)

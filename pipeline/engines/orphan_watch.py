@@ -9,6 +9,10 @@ GPU's memory, which the next run's engine then could not get). vLLM's engine cor
 `watch` starts a small process, before the engine starts, that notes the owner's descendants every second
 and kills them once the owner is gone; the owner stops it when it has shut its engine down itself. It runs
 as a script (no package imports), so that it starts in a fraction of a second.
+
+It also removes the shared-memory segments those processes had mapped (`/dev/shm/psm_*`, vLLM's message
+queues between its engine core and workers): their owners unlink them when they close, and a killed engine
+left them behind, one or two per interrupted run.
 """
 
 from __future__ import annotations
@@ -34,17 +38,34 @@ def _watch(owner: int, every_s: float = 1.0) -> None:
     import psutil  # a vLLM requirement; psutil's kill checks that a pid still names the process it was
 
     seen: list = []
+    segments: set[str] = set()
     while os.getppid() == owner:  # else the owner is gone and this process was handed to another parent
         try:
             seen = [p for p in psutil.Process(owner).children(recursive=True) if p.pid != os.getpid()]
         except psutil.Error:
             pass
+        segments |= {path for p in seen for path in _shared_memory(p.pid)}
         time.sleep(every_s)
     for process in seen:
         try:
             process.kill()
         except psutil.Error:  # gone already
             pass
+    for path in segments:
+        try:
+            os.unlink(path)
+        except OSError:  # unlinked by its owner already
+            pass
+
+
+def _shared_memory(pid: int) -> set[str]:
+    """The `multiprocessing.shared_memory` segments (`/dev/shm/psm_*`) a process has mapped (Linux)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return {line[line.index("/dev/shm/psm_"):].rstrip("\n") for line in maps
+                    if "/dev/shm/psm_" in line and not line.rstrip().endswith("(deleted)")}
+    except OSError:
+        return set()
 
 
 if __name__ == "__main__":
