@@ -242,7 +242,6 @@ def build_optimizer(c: LoopConfig, model: torch.nn.Module) -> tuple[torch.optim.
     else:
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     total = sum(c.planned_steps) if c.max_steps is None else min(sum(c.planned_steps), c.max_steps)
-    session_start, session_first_step = time.perf_counter(), state.step  # for the time left (data, checkpoints too)
     if c.lr_schedule == "linear":
         return optimizer, get_linear_schedule_with_warmup(optimizer, c.warmup_steps, max(total, 1))
     return optimizer, get_constant_schedule_with_warmup(optimizer, c.warmup_steps)
