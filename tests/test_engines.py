@@ -3,8 +3,10 @@ engine does to its actor, how a retired actor stops its engine, and which vLLM l
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -248,8 +250,10 @@ def test_the_drivers_vllm_log_level_reaches_the_engine_actors(ray_local, monkeyp
 
 
 OWNER = """
-import subprocess, sys, time
+import os, subprocess, sys, time
 from pipeline.engines import orphan_watch
+raylet = subprocess.Popen(["sleep", "600"])  # a Ray worker's raylet, as Ray tells its workers
+os.environ["RAY_RAYLET_PID"] = str(raylet.pid)
 watcher = orphan_watch.watch()
 # as vLLM's engine core, started after the watcher, with a message queue in shared memory
 child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
@@ -257,7 +261,10 @@ segment = child.stdout.readline().strip()
 time.sleep(1.5)  # the watcher notes the owner's children every second
 if sys.argv[1] == "stops-it":
     orphan_watch.stop(watcher)
-print(child.pid, watcher.pid, segment, flush=True)
+print(child.pid, watcher.pid, segment, raylet.pid, flush=True)
+if sys.argv[1] == "its-raylet-dies":
+    raylet.kill()
+    raylet.wait()
 time.sleep(600)
 """
 CHILD = """
@@ -270,30 +277,39 @@ time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("owner", ["dies", "stops-it"])
+@pytest.mark.parametrize("owner", ["dies", "its-raylet-dies", "stops-it"])
 def test_an_engines_processes_die_with_their_owner_whatever_kills_it(owner, tmp_path):
     """vLLM's engine core is a child of the engine actor. When the whole local Ray instance went down under the
     actor (the command that started it killed, or Ctrl-C at a bad moment), nobody killed it: it ran on,
     orphaned, holding its KV cache (7 GiB here; a GPU's memory on a workstation). The engine's watcher kills it
-    once its owner is gone, and does nothing once the owner has stopped it (the engine closed normally)."""
+    once its owner is gone, or the raylet of the Ray worker that owns it, and does nothing once the owner has
+    stopped it (the engine closed normally)."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, "-c", f"CHILD = {CHILD!r}\n{OWNER}", owner], stdout=subprocess.PIPE,
                             text=True, cwd=Path(__file__).resolve().parent.parent)
-    child_pid, watcher_pid, segment = proc.stdout.readline().split()
-    child, segment_file = psutil.Process(int(child_pid)), Path("/dev/shm") / segment.lstrip("/")
-    assert segment_file.exists()
-    proc.kill()  # SIGKILL: no atexit, no __del__, as when Ray's instance goes away
-    proc.wait()
+    child_pid, watcher_pid, segment, raylet_pid = proc.stdout.readline().split()
+    child = psutil.Process(int(child_pid))
+    try:
+        watcher = [psutil.Process(int(watcher_pid))]
+    except psutil.NoSuchProcess:  # stopped (and reaped) already
+        watcher = []
+    segment_file = Path("/dev/shm") / segment.lstrip("/")
+    if owner != "its-raylet-dies":  # else the owner lives on a while, as a worker does until it notices
+        proc.kill()  # SIGKILL: no atexit, no __del__, as when Ray's instance goes away
+        proc.wait()
 
     alive = still_running([child], timeout_s=10)
     try:
         assert bool(alive) == (owner == "stops-it")
-        assert not psutil.pid_exists(int(watcher_pid)) or (
-            psutil.Process(int(watcher_pid)).status() == psutil.STATUS_ZOMBIE)
+        assert not still_running(watcher, timeout_s=10)  # its work done (or stopped)
         # its shared memory is gone with it (vLLM's message queues stayed in /dev/shm)
         assert segment_file.exists() == (owner == "stops-it")
     finally:
-        if still_running([child], timeout_s=0):
-            child.kill()
+        for process in still_running([child], timeout_s=0):
+            process.kill()
+        proc.kill()  # the owner (and so its fake raylet's watcher) if still there
+        proc.wait()
+        with contextlib.suppress(OSError):
+            os.kill(int(raylet_pid), signal.SIGKILL)
         segment_file.unlink(missing_ok=True)

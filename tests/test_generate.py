@@ -232,13 +232,15 @@ def test_no_vllm_engine_outlives_the_ray_instance_it_ran_in(tiny_model, corpus_f
         while not (engines := in_the_run("EngineCore")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # vLLM names its engine core process (setproctitle) as it starts
         assert engines, "no engine started"
+        actors = {engine.pid: engine.ppid() for engine in engines}
         time.sleep(2)
         for process in [psutil.Process(proc.pid), *in_the_run("raylet", "gcs_server")]:
             process.kill()  # the driver and its Ray instance; Ray's workers then exit on their own
         proc.wait()
 
         left = still_running(engines, timeout_s=30)
-        assert not left, f"vLLM's engine core {[p.pid for p in left]} outlived the Ray instance it ran in"
+        assert not left, (f"vLLM's engine core {[p.pid for p in left]} outlived the Ray instance it ran in; its "
+                          f"actor {[(actors[p.pid], psutil.pid_exists(actors[p.pid])) for p in left]} (pid, runs)")
     finally:
         kill_session(proc)
 

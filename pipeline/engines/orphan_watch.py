@@ -24,8 +24,11 @@ import time
 
 
 def watch() -> subprocess.Popen:
-    """Kill this process's descendants (those it has from now on) if it exits without `stop`ping the watcher."""
-    return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())],
+    """Kill this process's descendants (those it has from now on) if it exits without `stop`ping the watcher,
+    or, in a Ray worker, once its raylet is gone: the worker exits then too, but only once it notices (CI once
+    found an engine core alive 30 s after its raylet was killed); Ray's own agents fate-share so with it."""
+    raylet = os.environ.get("RAY_RAYLET_PID", "")  # set by Ray in its workers
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid()), raylet],
                             stdin=subprocess.DEVNULL)
 
 
@@ -34,12 +37,24 @@ def stop(watcher: subprocess.Popen) -> None:
     watcher.wait()
 
 
-def _watch(owner: int, every_s: float = 1.0) -> None:
+def _watch(owner: int, raylet_pid: int | None, every_s: float = 1.0) -> None:
     import psutil  # a vLLM requirement; psutil's kill checks that a pid still names the process it was
+
+    try:
+        raylet = psutil.Process(raylet_pid) if raylet_pid else None
+    except psutil.Error:  # gone already: the owner's own end will do
+        raylet = None
+
+    def raylet_alive() -> bool:
+        try:
+            return raylet is None or (raylet.is_running() and raylet.status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
 
     seen: list = []
     segments: set[str] = set()
-    while os.getppid() == owner:  # else the owner is gone and this process was handed to another parent
+    # os.getppid() changes once the owner is gone: this process is handed to another parent
+    while os.getppid() == owner and raylet_alive():
         try:
             seen = [p for p in psutil.Process(owner).children(recursive=True) if p.pid != os.getpid()]
         except psutil.Error:
@@ -69,4 +84,4 @@ def _shared_memory(pid: int) -> set[str]:
 
 
 if __name__ == "__main__":
-    _watch(int(sys.argv[1]))
+    _watch(int(sys.argv[1]), int(sys.argv[2]) if sys.argv[2:] and sys.argv[2] else None)
