@@ -173,7 +173,8 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     previous = out.read_json("train_config.json")
     changed: list[str] = []  # what makes the folder's run another one, for the refusal
     if previous is not None and previous["fingerprint"] != fingerprint:
-        changed.append(f"another config ({'; '.join(config_changes(previous['config'], keys))})")
+        diff = config_changes(previous["config"], keys) if "config" in previous else []
+        changed.append(f"another config ({'; '.join(diff)})" if diff else "another config")
     if previous is not None and previous.get("generated_version", version) != version:
         changed.append("other generated pairs (the generate run of data.generated selected them again since)")
     if previous is not None and other_model(previous.get("model_version"), base):
