@@ -384,7 +384,8 @@ def test_the_real_engine_knows_its_processes_their_shared_memory_and_sockets(vll
     engine core) the core's ring buffers; a GPU engine at TP=1 runs its model in the core and may map none."""
     assert vllm_engine._processes and all(p.is_running() for p in vllm_engine._processes)
     # ... and a watcher that kills them if this process dies without closing the engine (tests/test_engines.py)
-    assert vllm_engine._watcher.poll() is None and vllm_engine._watcher.args[-1] == str(os.getpid())
+    assert vllm_engine._watcher.poll() is None and vllm_engine._watcher.args[2:] == [
+        str(os.getpid()), os.environ.get("RAY_RAYLET_PID", "")]  # its owner, and the owner's raylet in a Ray worker
     if not torch.cuda.is_available():
         assert vllm_engine._shared_memory
     assert all(os.path.exists(f"/dev/shm/{name}") for name in vllm_engine._shared_memory)
