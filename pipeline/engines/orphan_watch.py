@@ -59,28 +59,30 @@ def _watch(owner: int, raylet_pid: int | None, every_s: float = 1.0) -> None:
             seen = [p for p in psutil.Process(owner).children(recursive=True) if p.pid != os.getpid()]
         except psutil.Error:
             pass
-        segments |= {path for p in seen for path in _shared_memory(p.pid)}
+        for process in seen:
+            try:
+                segments |= shared_memory_mapped_by(process.pid)
+            except OSError:  # gone meanwhile
+                pass
         time.sleep(every_s)
     for process in seen:
         try:
             process.kill()
         except psutil.Error:  # gone already
             pass
-    for path in segments:
+    for name in segments:
         try:
-            os.unlink(path)
+            os.unlink(f"/dev/shm/{name}")
         except OSError:  # unlinked by its owner already
             pass
 
 
-def _shared_memory(pid: int) -> set[str]:
-    """The `multiprocessing.shared_memory` segments (`/dev/shm/psm_*`) a process has mapped (Linux)."""
-    try:
-        with open(f"/proc/{pid}/maps") as maps:
-            return {line[line.index("/dev/shm/psm_"):].rstrip("\n") for line in maps
-                    if "/dev/shm/psm_" in line and not line.rstrip().endswith("(deleted)")}
-    except OSError:
-        return set()
+def shared_memory_mapped_by(pid: int) -> set[str]:
+    """Names of the `multiprocessing.shared_memory` segments (/dev/shm/psm_*) process `pid` maps (Linux;
+    OSError where it has no /proc entry). Also used by VLLMEngine.close for an engine it stopped itself."""
+    with open(f"/proc/{pid}/maps") as maps:
+        paths = {line.split(maxsplit=5)[5].strip() for line in maps if "/dev/shm/psm_" in line}
+    return {os.path.basename(path) for path in paths if os.path.exists(path)}  # not "... (deleted)"
 
 
 if __name__ == "__main__":

@@ -192,16 +192,9 @@ def _engine_processes_and_shared_memory(llm) -> tuple[list, set[str]]:
 
         cores = [psutil.Process(p.pid) for p in llm.llm_engine.engine_core.resources.engine_manager.processes]
         processes = cores + [child for core in cores for child in core.children(recursive=True)]
-        return processes, {name for p in processes for name in _shared_memory_mapped_by(p.pid)}
+        return processes, {name for p in processes for name in orphan_watch.shared_memory_mapped_by(p.pid)}
     except Exception:  # noqa: BLE001 - another vLLM's layout, no /proc, an in-process engine: nothing to track
         return [], set()
-
-
-def _shared_memory_mapped_by(pid: int) -> set[str]:
-    """Names of the `multiprocessing.shared_memory` segments (/dev/shm/psm_*) process `pid` maps."""
-    with open(f"/proc/{pid}/maps") as maps:
-        paths = {line.split(maxsplit=5)[5].strip() for line in maps if "/dev/shm/psm_" in line}
-    return {os.path.basename(path) for path in paths if os.path.exists(path)}  # not "... (deleted)"
 
 
 def _remove_left_behind(processes: list, segments: set[str], ipc_folder: str | None,
