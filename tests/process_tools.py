@@ -19,11 +19,8 @@ def kill_session(leader: subprocess.Popen, timeout_s: float = 60) -> None:
     the kill). Returns once none of them runs."""
     import psutil
 
-    def running() -> list:
-        return session_processes(leader.pid)
-
     deadline = time.monotonic() + timeout_s
-    while (left := running()) and time.monotonic() < deadline:
+    while (left := session_processes(leader.pid)) and time.monotonic() < deadline:
         for process in left:
             try:
                 process.send_signal(signal.SIGKILL)
@@ -32,7 +29,7 @@ def kill_session(leader: subprocess.Popen, timeout_s: float = 60) -> None:
         leader.poll()  # reap the driver (our child); the others are reaped by their new parent
         time.sleep(0.1)
     leader.wait()
-    assert not running(), f"processes of the killed session {leader.pid} still run"
+    assert not session_processes(leader.pid), f"processes of the killed session {leader.pid} still run"
 
 
 def session_processes(leader_pid: int) -> list:

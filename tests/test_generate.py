@@ -218,13 +218,13 @@ def test_no_vllm_engine_outlives_the_ray_instance_it_ran_in(tiny_model, corpus_f
 
     def in_the_run(*names: str) -> list[psutil.Process]:
         found = []
-        for process in psutil.process_iter(["name", "cmdline"]):
+        for process in session_processes(proc.pid):
             try:
-                text = " ".join([process.info["name"] or "", *(process.info["cmdline"] or [])])
-                if os.getsid(process.pid) == proc.pid and any(name in text for name in names):
-                    found.append(process)
-            except (OSError, psutil.Error):
-                pass
+                text = " ".join([process.name(), *process.cmdline()])
+            except psutil.Error:  # gone meanwhile
+                continue
+            if any(name in text for name in names):
+                found.append(process)
         return found
 
     try:
