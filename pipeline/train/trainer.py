@@ -172,13 +172,14 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     base = model_version(cfg.model.path)  # a base model trained again into its folder is another run too
     previous = out.read_json("train_config.json")
     changed: list[str] = []  # what makes the folder's run another one, for the refusal
-    if previous is not None and previous["fingerprint"] != fingerprint:
-        diff = config_changes(previous["config"], keys) if "config" in previous else []
-        changed.append(f"another config ({'; '.join(diff)})" if diff else "another config")
-    if previous is not None and previous.get("generated_version", version) != version:
-        changed.append("other generated pairs (the generate run of data.generated selected them again since)")
-    if previous is not None and other_model(previous.get("model_version"), base):
-        changed.append("another model at model.path (its files changed since)")
+    if previous is not None:
+        if previous["fingerprint"] != fingerprint:
+            diff = config_changes(previous["config"], keys) if "config" in previous else []
+            changed.append(f"another config ({'; '.join(diff)})" if diff else "another config")
+        if previous.get("generated_version", version) != version:
+            changed.append("other generated pairs (the generate run of data.generated selected them again since)")
+        if other_model(previous.get("model_version"), base):
+            changed.append("another model at model.path (its files changed since)")
     if previous is not None and (overwrite or changed):
         if not overwrite and (out.exists(RUN_NAME) or out.exists("model")):
             raise ConfigError(f"{out.uri} holds a training run of {' and of '.join(changed)}; use a new --output, "
