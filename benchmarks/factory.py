@@ -29,7 +29,7 @@ from benchmarks.common import (K, SUMMARY_TOKENS_CAP, GpuMemory, build_model, em
                                read_lengths)
 from pipeline.config import ComputeConfig
 from pipeline.crash_isolation import job_ledger
-from pipeline.generate import actor_pool
+from pipeline.ray_setup import actor_pool
 from pipeline.inverse import InverseInstruct
 
 

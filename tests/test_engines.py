@@ -21,7 +21,7 @@ from pipeline.crash_isolation import CrashIsolation, job_ledger
 from pipeline.engines import EngineDead, SamplingSpec, restart_actor_if_engine_dead, yes_probability
 from pipeline.engines.hf_engine import HFEngine
 from pipeline.evaluate.run import Completer
-from pipeline.generate import actor_pool
+from pipeline.ray_setup import actor_pool
 from pipeline.inverse import InverseInstruct
 from tests.process_tools import still_running
 
@@ -238,7 +238,7 @@ def _reads_vllm_log_level() -> type:
 
 
 def test_the_drivers_vllm_log_level_reaches_the_engine_actors(ray_local, monkeypatch):
-    """Without --verbose the driver sets WARNING (pipeline.generate.start_ray); the actors get it through
+    """Without --verbose the driver sets WARNING (pipeline.ray_setup.start_ray); the actors get it through
     their runtime_env, also on a cluster's other nodes, whose processes do not inherit the driver's."""
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "ERROR")  # Ray's processes here started before this
     rows = ray_local.data.range(2).map_batches(_reads_vllm_log_level(), batch_size=2,

@@ -349,35 +349,6 @@ def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, 
         generate(load_config(overrides=tiny_overrides(tiny_model, oss, tmp_path / "oss-run")))
 
 
-def test_engine_actors_this_machine_cannot_hold_are_refused_not_waited_for(ray_local, tiny_model, tmp_path,
-                                                                           monkeypatch):
-    """On the job's own Ray instance (no cluster to grow) engine actors asking for more GPUs or CPUs than the
-    machine has beside one CPU for Ray Data's read/write tasks were waited for forever (until 2026-12-06 generate
-    and evaluate hung there: a GPU on a CPU machine; on 2 cores, 2 CPUs for one actor or min_actors=2)."""
-    import pipeline.generate as generate_module
-    from pipeline.config import EvaluateConfig, load_config as load
-    from pipeline.evaluate.run import evaluate
-    from pipeline.generate import placements
-
-    monkeypatch.setattr(generate_module, "_own_instance", True)  # as if start_ray had started `ray_local`
-    keys = r"compute.min_actors / num_gpus_per_actor / num_cpus_per_actor: "
-    room = r" and one CPU for Ray Data's tasks do not fit this machine's Ray instance \(\{'CPU': 2.0"
-    for more, actors in (({"compute.num_gpus_per_actor": 64}, r"1 x \{'CPU': 1.0, 'GPU': 64.0\}"),
-                         ({"compute.num_cpus_per_actor": 2}, r"1 x \{'CPU': 2.0\}"),
-                         ({"compute.min_actors": 2, "compute.max_actors": 2}, r"2 x \{'CPU': 1.0\}")):
-        with pytest.raises(ConfigError, match=keys + r"engine actors \(" + actors + r"\)" + room):
-            generate(load_config(overrides={**tiny_overrides(tiny_model, "embedded", tmp_path / "g"), **more}))
-        with pytest.raises(ConfigError, match=keys + r"engine actors \(" + actors + r"\)" + room):
-            evaluate(load(overrides={"model.path": tiny_model, "model.engine": "transformers", **more,
-                                     "output": str(tmp_path / "e")}, schema=EvaluateConfig))
-    # Counted per node: a bundle does not straddle nodes; fractions of a GPU add up.
-    assert placements({"CPU": 1, "GPU": 0.25}, [{"CPU": 8.0, "GPU": 1.0}]) == 4
-    assert placements({"CPU": 2, "GPU": 1}, [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 2.0}]) == 2
-    assert placements({"CPU": 0.5, "multi_gpu": 0.125}, [{"CPU": 96.0}]) == 0
-    assert placements({"CPU": 1}, [{"CPU": -1.0}]) == 0  # a node with no CPU left for an actor
-    assert placements({"CPU": 0}, []) == sys.maxsize
-
-
 def test_another_model_at_the_same_path_is_not_mixed_into_a_run(ray_local, tiny_model, corpus_folder, tmp_path):
     """A model trained again into the folder a run used: the same command does not hand back (or resume
     with) the old model's scores; --overwrite redoes them. Before, the finished run was returned as is."""

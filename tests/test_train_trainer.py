@@ -364,4 +364,4 @@ def test_workers_this_machine_cannot_hold_are_refused_not_waited_for(tiny_model,
                      r"machine's Ray instance \(\{'CPU': \d+.0, 'GPU': [01]\} in all\): Ray would wait for room "
                      r"forever", done.stderr)
     assert time.perf_counter() - t0 < 120 and "train: generated:" not in done.stderr  # before any data work
-    assert re.search(r"INFO pipeline.generate: ray: started a local instance \(\d+ CPUs, [01] GPUs\)", done.stderr)
+    assert re.search(r"INFO pipeline.ray_setup: ray: started a local instance \(\d+ CPUs, [01] GPUs\)", done.stderr)

@@ -148,7 +148,7 @@ def close_owned_engine(actor: Any) -> None:
     kill the actor's child processes before the shutdown hook, as it does by default (Ray 2.60:
     KillChildProcessesImmediately runs before the actor's shutdown callback; the engine core then died
     unstopped, and Python's resource tracker with it, which printed KeyError tracebacks at every CPU stage's
-    end): the engine actors' pool turns that off (`pipeline.generate.actor_pool`). `VLLMEngine.close` also
+    end): the engine actors' pool turns that off (`pipeline.ray_setup.actor_pool`). `VLLMEngine.close` also
     removes the engine's socket folder, and for an engine that died, the shared memory its processes left."""
     close = getattr(getattr(actor, "engine", None), "close", None)  # transformers holds no other process
     if getattr(actor, "owns_engine", False) and close is not None:

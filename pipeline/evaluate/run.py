@@ -139,7 +139,7 @@ def execute(batch: pa.Table, sandbox: SandboxConfig) -> pa.Table:
 
 def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run the job; returns the summary that it also writes to `output/summary.json`."""
-    from pipeline.generate import actor_pool, check_fits, engine_actor, start_ray  # as generate's
+    from pipeline.ray_setup import actor_pool, check_fits, engine_actor, start_ray
 
     check_model_here(cfg.model.path)
     evalplus = cfg.benchmark.plus_path is not None

@@ -45,7 +45,7 @@ RUN_NAME = "checkpoints"
 def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.generate import check_fits, start_ray
+    from pipeline.ray_setup import check_fits, start_ray
 
     check_model_here(cfg.model.path)
     out = OutputDir(cfg.output)

@@ -1,0 +1,38 @@
+"""The Ray instance a command runs on: engine actors its own instance can never hold are refused."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from pipeline import ray_setup
+from pipeline.config import ConfigError, EvaluateConfig, load_config
+from pipeline.evaluate.run import evaluate
+from pipeline.generate import generate
+from pipeline.ray_setup import placements
+from tests.test_generate import tiny_overrides
+
+
+def test_engine_actors_this_machine_cannot_hold_are_refused_not_waited_for(ray_local, tiny_model, tmp_path,
+                                                                           monkeypatch):
+    """On the job's own Ray instance (no cluster to grow) engine actors asking for more GPUs or CPUs than the
+    machine has beside one CPU for Ray Data's read/write tasks were waited for forever (until 2026-12-06 generate
+    and evaluate hung there: a GPU on a CPU machine; on 2 cores, 2 CPUs for one actor or min_actors=2)."""
+    monkeypatch.setattr(ray_setup, "_own_instance", True)  # as if start_ray had started `ray_local`
+    keys = r"compute.min_actors / num_gpus_per_actor / num_cpus_per_actor: "
+    room = r" and one CPU for Ray Data's tasks do not fit this machine's Ray instance \(\{'CPU': 2.0"
+    for more, actors in (({"compute.num_gpus_per_actor": 64}, r"1 x \{'CPU': 1.0, 'GPU': 64.0\}"),
+                         ({"compute.num_cpus_per_actor": 2}, r"1 x \{'CPU': 2.0\}"),
+                         ({"compute.min_actors": 2, "compute.max_actors": 2}, r"2 x \{'CPU': 1.0\}")):
+        with pytest.raises(ConfigError, match=keys + r"engine actors \(" + actors + r"\)" + room):
+            generate(load_config(overrides={**tiny_overrides(tiny_model, "embedded", tmp_path / "g"), **more}))
+        with pytest.raises(ConfigError, match=keys + r"engine actors \(" + actors + r"\)" + room):
+            evaluate(load_config(overrides={"model.path": tiny_model, "model.engine": "transformers", **more,
+                                            "output": str(tmp_path / "e")}, schema=EvaluateConfig))
+    # Counted per node: a bundle does not straddle nodes; fractions of a GPU add up.
+    assert placements({"CPU": 1, "GPU": 0.25}, [{"CPU": 8.0, "GPU": 1.0}]) == 4
+    assert placements({"CPU": 2, "GPU": 1}, [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 2.0}]) == 2
+    assert placements({"CPU": 0.5, "multi_gpu": 0.125}, [{"CPU": 96.0}]) == 0
+    assert placements({"CPU": 1}, [{"CPU": -1.0}]) == 0  # a node with no CPU left for an actor
+    assert placements({"CPU": 0}, []) == sys.maxsize
