@@ -59,6 +59,8 @@ def _report(ledger: Any, stage: str, unit: str, total: int, already_done: int, e
 def progress_line(stage: str, unit: str, total: int, already_done: int, samples: list[tuple[float, int]],
                   engines_up: int, start: float) -> str:
     """`samples`: (monotonic time, rows finished by this run) pairs, oldest first, the newest being now."""
+    if samples[0][1] == 0:  # the rate counts from the last sample before the first row was done, not the start
+        samples = samples[max(i for i, (_, done) in enumerate(samples) if done == 0):]
     (t0, done0), (now, done_now) = samples[0], samples[-1]
     done = min(total, already_done + done_now)  # a batch redone after a crash is counted again
     line = f"{stage}: {done:,} of {total:,} {unit} ({100 * done / total:.1f}%) after {duration(now - start)}"
@@ -70,8 +72,8 @@ def progress_line(stage: str, unit: str, total: int, already_done: int, samples:
     rate = (done_now - done0) / (now - t0) if now > t0 else 0.0
     if rate <= 0:
         return line + f"; none finished in the last {duration(now - t0)}"
-    return line + (f"; {rate:.3g} {unit}/s over the last {duration(now - t0)}, "
-                   f"about {duration((total - done) / rate)} left")
+    speed = f"{rate:.3g} {unit}/s" if rate >= 1 else f"{60 * rate:.3g} {unit}/min"
+    return line + f"; {speed} over the last {duration(now - t0)}, about {duration((total - done) / rate)} left"
 
 
 def duration(seconds: float) -> str:

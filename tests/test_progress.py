@@ -30,6 +30,12 @@ def test_the_rate_and_time_left_follow_the_recent_samples():
     assert progress_line("inverse", "snippets", 37200, 0, samples, 2, 0) == (
         "inverse: 1,200 of 37,200 snippets (3.2%) after 7m00s; 2 engines up; "
         "10 snippets/s over the last 2m00s, about 1h00m left")
+    # Early on the window still holds the engine start: the rate counts from the last minute with none done
+    # (the demo said "0.0333 snippets/s over the last 4m00s, about 9m01s left" here: 3 minutes were the start).
+    samples = [(0, 0), (60, 0), (120, 0), (180, 0), (240, 8)]
+    assert progress_line("inverse", "snippets", 26, 0, samples, 1, 0) == (
+        "inverse: 8 of 26 snippets (30.8%) after 4m00s; 1 engine up; "
+        "8 snippets/min over the last 1m00s, about 2m15s left")
 
 
 def test_a_resumed_run_counts_the_earlier_rows_and_never_passes_the_total():
