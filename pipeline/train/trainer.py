@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import threading
+import warnings
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -154,7 +155,9 @@ def ingest_config() -> DataConfig:
     """Ray Train's default ingest, made deterministic: with `preserve_order`, `streaming_split` hands out
     blocks by a fixed rule (not by worker speed or locality), so every worker's shard depends only on the
     data and a resumed run's skip-ahead lands exactly where the checkpoint left off."""
-    options = DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own default passes `exclude_resources`, deprecated in Ray 2.60
+        warnings.filterwarnings("ignore", message=r".*`ExecutionOptions.exclude_resources` is deprecated")
+        options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return DataConfig(execution_options=options)
 
