@@ -8,13 +8,14 @@ holding the config fingerprint of the stage, its counts and wall time):
   select      scored -> best candidate, decontaminate         -> candidates/, selected/, rejected/
 
 Resume: a finished stage is skipped; `inverse` skips every snippet already in _work/scored/ (a Parquet
-file cut short by a killed writer is deleted and its snippets redone). A stage whose config fingerprint
-changed is refused (its outputs came from another config) unless `overwrite` is set; `select` is cheap
-and is simply redone when only its own config changed.
+file cut short by a killed writer is deleted and its snippets redone). A changed config redoes the stages
+it decides: another `input` or `extract` config keeps the scores of the snippets it leaves unchanged;
+another model or scoring config is refused (two configs' scores in one folder) unless `overwrite` is set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -104,38 +105,46 @@ def _forget_changed_stages(out: OutputDir, sections: dict[str, dict[str, Any]], 
                            overwrite: bool, model: str | None) -> None:
     """Make stages whose recorded config differs from this one run again, from the first such stage on.
 
-    Redoing `preprocess` or `inverse` discards the scored work of `inverse` (or would mix two configs in
-    it), so that is refused unless `overwrite`, once `inverse` has started. Before that (a first run that
-    failed in preprocess, say on a mistyped input path) the changed stages are simply redone, and so is
-    a change to `select`, which is cheap and deterministic. Another model at the same `model.path` (see
-    `models.model_version`; unknown versions are not compared) counts as a changed `inverse` config.
+    The scores `inverse` wrote stay good while the model and the `model`, `summarize` and `judge` config
+    are the same: another `input` or `extract` config (a larger input.limit, a new version of the input
+    files elsewhere) only adds, removes or changes snippets, and `_preprocess` keeps the score of each
+    snippet that is still there unchanged. Scoring with another config, or another model at the same
+    `model.path` (see `models.model_version`; unknown versions are not compared), would mix two configs'
+    scores in one folder: refused unless `overwrite`, which discards them. A change to `select` only
+    redoes that cheap, deterministic stage.
     """
     started = {s: out.read_json(f"_stages/{s}.started.json") or {} for s in STAGES}
     recorded = {s: started[s].get("fingerprint") for s in STAGES}
+    if recorded["inverse"] is None:  # scores without the config they were made with (its marker deleted)
+        out.remove("_work/scored")
     changed = [s for s in STAGES if recorded[s] not in (None, prints[s])]
     model_changed = other_model(started["inverse"].get("model_version"), model)
     if model_changed and "inverse" not in changed:
         changed = sorted({*changed, "inverse"}, key=STAGES.index)
     if not changed:
         return
-    expensive = [s for s in changed if s != "select"]
-    if expensive and recorded["inverse"] is not None and not overwrite:
-        first = expensive[0]
-        if recorded[first] != prints[first]:
-            before = started[first].get("config")  # absent from markers written before it was recorded
-            what = (f"a different config ({'; '.join(config_changes(before, sections[first]))})" if before
-                    else "a different config (or by a version of inverse-instruct with other config keys)")
-        else:
+    before = started["inverse"].get("config")  # absent from markers written before it was recorded
+    config_changed = recorded["inverse"] not in (None, prints["inverse"]) and (
+        before is None or _scoring(before) != _scoring(sections["inverse"]))
+    if (config_changed or model_changed) and not overwrite:
+        if not config_changed:
             what = "another model (the files at model.path changed since)"
-        article = "an" if first == "inverse" else "a"
-        raise ConfigError(
-            f"output {out.uri} holds {article} `{first}` stage made with {what}; use a new "
-            f"--output, or --overwrite to redo it (and what follows) with this config"
-        )
+        elif before is None:
+            what = "a different config (or by a version of inverse-instruct with other config keys)"
+        else:
+            what = f"a different config ({'; '.join(config_changes(_scoring(before), _scoring(sections['inverse'])))})"
+        raise ConfigError(f"output {out.uri} holds an `inverse` stage made with {what}; use a new --output, "
+                          f"or --overwrite to redo it (and what follows) with this config")
     for stage in STAGES[STAGES.index(changed[0]):]:
         out.remove(f"_stages/{stage}.json")
-    if expensive:
+    if config_changed or model_changed:
         out.remove("_work/scored")
+
+
+def _scoring(inverse_config: dict[str, Any]) -> dict[str, Any]:
+    """The sections of the `inverse` stage's config that decide a snippet's score (the rest, `input` and
+    `extract`, decide which snippets there are and their code, which each scored row carries)."""
+    return {k: inverse_config.get(k) for k in ("model", "summarize", "judge")}
 
 
 # ---------------------------------------------------------------- stage 1: preprocess
@@ -179,9 +188,48 @@ def _preprocess(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
            out, "snippets", _schema(SNIPPET_COLUMNS))
     _write(marked.filter(expr=col("reason").is_not_null()).select_columns(REJECTED_COLUMNS),
            out, "_work/rejected_preprocess", _schema(REJECTED_COLUMNS))
-    out.remove("_work/scored")  # new snippets: earlier scores no longer belong to this run
     return {"input": len(keys), "snippets": len(keys) - int(keys["reason"].notna().sum()) - len(duplicate_of),
-            "duplicates": len(duplicate_of)}
+            "duplicates": len(duplicate_of), "scores_dropped": _keep_unchanged_scores(out)}
+
+
+def _keep_unchanged_scores(out: OutputDir) -> int:
+    """After a preprocess with another `input` or `extract` config (`_forget_changed_stages` kept the
+    scores: same model, summarize and judge config): keep the scored row of each snippet that is still
+    in snippets/ with the same id, code and lang (its prompts and seed are made of those, so the row is
+    what this run would write), drop the others. Returns how many were dropped.
+
+    Kept rows are written as new files before the old files go: a run killed here did not mark
+    preprocess done, so the next one comes here again, with no row lost and none stale left."""
+    out.read_ids("_work/scored")  # deletes a file cut short by a killed writer
+    old = out.parquet_files("_work/scored")
+    if not old:
+        return 0
+    wanted = set(_columns(_keyed(ray.data.read_parquet(out.sub("snippets"), columns=["id", "code", "lang"])),
+                          ["key"])["key"])
+    scored = _keyed(ray.data.read_parquet(old, filesystem=out.fs, schema=SCORED_SCHEMA)).materialize()
+    have = _columns(scored, ["id", "key"])
+    keep = have["key"].isin(wanted)
+    dropped = int((~keep).sum())
+    twice = int(have["id"][keep].duplicated().sum())  # a kill between the two steps below, in an earlier run
+    if dropped or twice:
+        kept = scored.filter(expr=col("key").is_in(sorted(wanted)))
+        if twice:
+            kept = kept.groupby("id").map_groups(_first_row, batch_format="pyarrow")
+        kept.drop_columns(["key"]).write_parquet(out.sub("_work/scored"), mode=SaveMode.APPEND)
+        for path in old:
+            out.fs.delete_file(path)
+    log.info("preprocess: the scores of %d snippets scored earlier are kept (same snippet, same scoring "
+             "config); %d are dropped (their snippet changed or is gone)", len(have) - dropped - twice, dropped)
+    return dropped
+
+
+def _keyed(snippets: ray.data.Dataset) -> ray.data.Dataset:
+    """The rows with a `key` column: a hash of what a snippet's scores are made from (id, code, lang)."""
+    def add_key(batch: pa.Table) -> pa.Table:
+        keys = [hashlib.sha256(f"{i}\0{lang or ''}\0{code}".encode("utf-8", "surrogatepass")).hexdigest()
+                for i, code, lang in zip(*(batch.column(c).to_pylist() for c in ("id", "code", "lang")))]
+        return batch.append_column("key", pa.array(keys, pa.string()))
+    return snippets.map_batches(add_key, batch_format="pyarrow")
 
 
 # ---------------------------------------------------------------- stage 2: summarize + judge

@@ -50,7 +50,9 @@ def build(cfg: GenerateConfig, stages: dict[str, dict[str, Any]], model_version:
         "ties": sel["ties"],
         # Engine actors that died during `inverse` (see pipeline/crash_isolation.py); absent in older markers.
         "engine_crashes": inv.get("engine_crashes", {}),
-        "resume": {"inverse_snippets_resumed": inv["resumed_from"], "inverse_snippets_scored_now": inv["scored_now"]},
+        "resume": {"inverse_snippets_resumed": inv["resumed_from"], "inverse_snippets_scored_now": inv["scored_now"],
+                   # scores an earlier run made for snippets that another input/extract config changed or removed
+                   "inverse_scores_dropped": pre.get("scores_dropped", 0)},
         "seconds": {stage: info["seconds"] for stage, info in stages.items()},
         "stages": stages,
     }

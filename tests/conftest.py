@@ -109,3 +109,20 @@ def write_evalplus_files(folder: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def evalplus_files(tmp_path_factory) -> dict[str, Path]:
     return write_evalplus_files(tmp_path_factory.mktemp("evalplus"))
+
+
+@pytest.fixture(scope="module")
+def corpus_folder(tmp_path_factory, corpus) -> Path:
+    """20 real rows (JSONL) + the bad rows file, in one input folder (generate's end-to-end tests)."""
+    from tests.test_records import bad_rows_jsonl
+
+    folder = tmp_path_factory.mktemp("input")
+    with open(folder / "real.jsonl", "w") as f:
+        for row in corpus[:20]:
+            f.write(json.dumps(row) + "\n")
+    # An exact duplicate of a real row's code, to exercise dedup.
+    dup = next(r for r in corpus[:20] if "```python" in r["output"])
+    with open(folder / "real.jsonl", "a") as f:
+        f.write(json.dumps({"instruction": "same code again", "output": dup["output"]}) + "\n")
+    bad_rows_jsonl(folder / "zz_bad.jsonl")
+    return folder

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -32,21 +31,6 @@ pytestmark = pytest.mark.slow
 def read(folder: Path, sort: list[str]) -> list[dict]:
     table = pads.dataset(str(folder), format="parquet").to_table()
     return table.sort_by([(c, "ascending") for c in sort]).to_pylist()
-
-
-@pytest.fixture(scope="module")
-def corpus_folder(tmp_path_factory, corpus) -> Path:
-    """20 real rows (JSONL) + the bad rows file, in one input folder."""
-    folder = tmp_path_factory.mktemp("input")
-    with open(folder / "real.jsonl", "w") as f:
-        for row in corpus[:20]:
-            f.write(json.dumps(row) + "\n")
-    # An exact duplicate of a real row's code, to exercise dedup.
-    dup = next(r for r in corpus[:20] if "```python" in r["output"])
-    with open(folder / "real.jsonl", "a") as f:
-        f.write(json.dumps({"instruction": "same code again", "output": dup["output"]}) + "\n")
-    bad_rows_jsonl(folder / "zz_bad.jsonl")
-    return folder
 
 
 def tiny_overrides(tiny_model: str, folder: Path, output: Path, **extra) -> dict:
@@ -138,39 +122,6 @@ def _cli(tiny_model: str, folder: Path, output: Path) -> list[str]:
     for key, value in overrides.items():
         args += ["--set", f"{key}={value}"]
     return args
-
-
-def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("RAY_ADDRESS", None)
-
-    # Reference: an uninterrupted run.
-    full = tmp_path / "full"
-    subprocess.run(_cli(tiny_model, corpus_folder, full), env=env, check=True, capture_output=True, timeout=600)
-
-    # Kill the driver (and its whole process group, Ray with it) once some snippets are written.
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(_cli(tiny_model, corpus_folder, cut), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    scored = cut / "_work" / "scored"
-    while time.time() < deadline and len(list(scored.glob("*.parquet"))) < 2 and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-    kill_session(proc)  # the driver, the local Ray instance it started, Ray's workers
-    assert not (cut / "_stages" / "inverse.json").exists()
-
-    done = subprocess.run(_cli(tiny_model, corpus_folder, cut), env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = json.loads((cut / "manifest.json").read_text())
-    assert manifest["resume"]["inverse_snippets_resumed"] >= 1
-    assert manifest["resume"]["inverse_snippets_scored_now"] >= 1
-    # Its progress lines count the snippets scored before the kill.
-    resumed = manifest["resume"]["inverse_snippets_resumed"]
-    assert re.search(rf"inverse: \d+ of {manifest['counts']['snippets']} snippets \(\d+\.\d%\) after \d+s "
-                     rf"\({resumed} from an earlier run\); \d engines? up", done.stderr), done.stderr[-3000:]
-    for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
-        assert read(cut / folder, keys) == read(full / folder, keys), folder
 
 
 def test_ctrl_c_pressed_twice_stops_the_run_cleanly(tiny_model, corpus_folder, tmp_path):
@@ -347,29 +298,3 @@ def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, 
                                           r"missing field: instruction, no `instruction` in the row \(or null\); "
                                           r"its fields: `problem`, `solution`\); set input.instruction_field"):
         generate(load_config(overrides=tiny_overrides(tiny_model, oss, tmp_path / "oss-run")))
-
-
-def test_another_model_at_the_same_path_is_not_mixed_into_a_run(ray_local, tiny_model, corpus_folder, tmp_path):
-    """A model trained again into the folder a run used: the same command does not hand back (or resume
-    with) the old model's scores; --overwrite redoes them. Before, the finished run was returned as is."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)
-    cfg = load_config(overrides=tiny_overrides(str(model), corpus_folder, tmp_path / "run", **{"input.limit": 6}))
-    first = generate(cfg)
-    assert generate(cfg)["stages"] == first["stages"]  # same model: nothing redone
-    weights = AutoModelForCausalLM.from_pretrained(model)
-    with torch.no_grad():
-        for p in weights.parameters():
-            p.mul_(1.5)
-    weights.save_pretrained(model)
-    with pytest.raises(ConfigError, match=r"`inverse` stage made with another model"):
-        generate(cfg)
-    again = generate(cfg, overwrite=True)
-    assert again["stages"]["preprocess"] == first["stages"]["preprocess"]
-    assert again["stages"]["inverse"]["finished_at"] != first["stages"]["inverse"]["finished_at"]
-    assert again["all_rows_accounted_for"]
