@@ -192,11 +192,36 @@ def test_resume_on_s3_after_the_driver_is_killed(s3_env, s3_corpus, s3_model, fi
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = _manifest(client, "runs/cut")
     # One snippet per file (batches of one): exactly the two that reached S3 are not scored again.
-    assert manifest["resume"] == {"inverse_snippets_resumed": 2, "inverse_snippets_scored_now": snippets - 2}
+    assert manifest["resume"] == {"inverse_snippets_resumed": 2, "inverse_snippets_scored_now": snippets - 2,
+                                  "inverse_scores_dropped": 0}
     assert manifest["all_rows_accounted_for"] and manifest["counts"] == first_run["counts"]
     for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
         assert _table(env, f"corpus/runs/cut/{folder}", keys) == _table(env, f"corpus/runs/one/{folder}", keys), folder
 
+
+
+def test_a_larger_input_limit_on_s3_keeps_what_was_scored(s3_env, s3_corpus, s3_model, first_run):
+    """A trial run on a few rows, then the whole input in the same S3 folder: only the new snippets are
+    scored. A scored file there twice (a run killed while it rewrote the scores) is rewritten once."""
+    env, client, _ = s3_env
+    trial = subprocess.run(_cli(s3_model, s3_corpus, "s3://corpus/runs/grow") + ["--limit", "6"],
+                           env=_run_env(env), capture_output=True, text=True, timeout=600)
+    assert trial.returncode == 0, trial.stderr[-3000:]
+    scored_then = _manifest(client, "runs/grow")["counts"]["snippets"]
+    key = next(o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="runs/grow/_work/scored/")["Contents"]
+               if o["Key"].endswith(".parquet"))
+    client.copy_object(Bucket="corpus", CopySource={"Bucket": "corpus", "Key": key},
+                       Key=key.replace("scored/", "scored/again-"))
+
+    whole = subprocess.run(_cli(s3_model, s3_corpus, "s3://corpus/runs/grow"), env=_run_env(env),
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    manifest = _manifest(client, "runs/grow")
+    assert manifest["resume"] == {"inverse_snippets_resumed": scored_then, "inverse_scores_dropped": 0,
+                                  "inverse_snippets_scored_now": first_run["counts"]["snippets"] - scored_then}
+    assert manifest["counts"] == first_run["counts"]
+    for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
+        assert _table(env, f"corpus/runs/grow/{folder}", keys) == _table(env, f"corpus/runs/one/{folder}", keys), folder
 
 def test_evaluate_a_model_in_s3(s3_env, s3_model):
     """What `loop --output s3://…` does after training: evaluate the model that `train` wrote to S3."""
