@@ -33,8 +33,8 @@ from pipeline.config import ConfigError, GenerateConfig, config_changes, fingerp
 from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
-from pipeline.io import OutputDir, check_output_seen_everywhere, read_corpus
-from pipeline.models import check_model_here, model_version, other_model
+from pipeline.io import OutputDir, check_output_seen_everywhere, input_version, read_corpus
+from pipeline.models import check_model_here, model_version, stamps_differ
 from pipeline.progress import progress_lines
 from pipeline.ray_setup import actor_pool, check_fits, engine_actor, start_ray
 from pipeline.select import decide, tie_summary
@@ -72,8 +72,8 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     check_fits(engine_actor(cfg), cfg.compute.min_actors, "engine actors",
                "compute.min_actors / num_gpus_per_actor / num_cpus_per_actor")
     sections, prints = stage_configs(cfg), fingerprint(cfg)
-    model = model_version(cfg.model.path)
-    _forget_changed_stages(out, sections, prints, overwrite, model)
+    model, inputs = model_version(cfg.model.path), input_version(cfg.input)
+    _forget_changed_stages(out, sections, prints, overwrite, model, inputs)
     stats: dict[str, dict[str, Any]] = {}
     rerun = False  # once a stage runs, every later one reads new inputs and runs too
     for stage, run in (("preprocess", _preprocess), ("inverse", _inverse), ("select", _select)):
@@ -87,7 +87,7 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
         token = uuid.uuid4().hex
         out.write_json(f"_stages/{stage}.started.json",
                        {"fingerprint": prints[stage], "token": token, "model_version": model,
-                        "config": sections[stage]})  # to name what changed if a rerun is refused
+                        "input_version": inputs, "config": sections[stage]})  # what a rerun compares
         check_output_seen_everywhere(cfg.output, out.sub(f"_stages/{stage}.started.json"), token)
         t0 = time.perf_counter()
         counts = run(cfg, out)
@@ -102,7 +102,7 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
 
 
 def _forget_changed_stages(out: OutputDir, sections: dict[str, dict[str, Any]], prints: dict[str, str],
-                           overwrite: bool, model: str | None) -> None:
+                           overwrite: bool, model: str | None, inputs: str | None) -> None:
     """Make stages whose recorded config differs from this one run again, from the first such stage on.
 
     The scores `inverse` wrote stay good while the model and the `model`, `summarize` and `judge` config
@@ -111,14 +111,19 @@ def _forget_changed_stages(out: OutputDir, sections: dict[str, dict[str, Any]], 
     snippet that is still there unchanged. Scoring with another config, or another model at the same
     `model.path` (see `models.model_version`; unknown versions are not compared), would mix two configs'
     scores in one folder: refused unless `overwrite`, which discards them. A change to `select` only
-    redoes that cheap, deterministic stage.
+    redoes that cheap, deterministic stage. Input files that changed since (`io.input_version`: one added
+    to the input folder, one replaced) redo preprocess as another input config does.
     """
     started = {s: out.read_json(f"_stages/{s}.started.json") or {} for s in STAGES}
     recorded = {s: started[s].get("fingerprint") for s in STAGES}
     if recorded["inverse"] is None:  # scores without the config they were made with (its marker deleted)
         out.remove("_work/scored")
     changed = [s for s in STAGES if recorded[s] not in (None, prints[s])]
-    model_changed = other_model(started["inverse"].get("model_version"), model)
+    if stamps_differ(started["preprocess"].get("input_version"), inputs) and "preprocess" not in changed:
+        log.info("input: its files changed since the last run in %s; preprocess runs again (the scores of "
+                 "snippets that did not change are kept)", out.uri)
+        changed = ["preprocess", *changed]
+    model_changed = stamps_differ(started["inverse"].get("model_version"), model)
     if model_changed and "inverse" not in changed:
         changed = sorted({*changed, "inverse"}, key=STAGES.index)
     if not changed:

@@ -8,6 +8,7 @@ reason); a saved or hub HF dataset goes through the same row check. Paths may be
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,14 +38,14 @@ _SUFFIX_FORMAT = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parq
 def read_corpus(cfg: InputConfig, path_key: str = "input.path") -> ray.data.Dataset:
     """The corpus as rows of `pipeline.records.ROW_COLUMNS`; `cfg.limit` keeps the first N rows in source order. An input that
     cannot be read at all is a ConfigError naming `path_key` (the config key the path came from)."""
-    path = str(EMBEDDED_CORPUS_PATH) if cfg.path == EMBEDDED_CORPUS else _selected_if_generate_output(cfg.path, path_key)
+    path = _corpus_path(cfg, path_key)
     fmt = cfg.format
     if fmt == "hf" or (fmt == "auto" and _is_hf_dataset(path)):
         return _read_hf(path, cfg, path_key)
     fs, root = pafs.FileSystem.from_uri(as_uri(path))
     files = _list_files(fs, root, fmt, path_key)
     tasks = [
-        {"uri": _join_uri(path, root, f), "source": _relative(root, f), "format": fmt_, "rank": rank}
+        {"uri": _join_uri(path, root, f.path), "source": _relative(root, f.path), "format": fmt_, "rank": rank}
         for rank, (f, fmt_) in enumerate(files)
     ]
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
@@ -61,6 +62,34 @@ def read_corpus(cfg: InputConfig, path_key: str = "input.path") -> ray.data.Data
                 break
             left -= counts[rank]
     return ds.drop_columns(["rank"])
+
+
+def input_version(cfg: InputConfig) -> str | None:
+    """A stamp of the files `cfg` reads as they are now (names, sizes, modification times), to tell that they
+    changed since a run read them: a file added to the input folder, one replaced. None where it is not
+    checked (a hub dataset) or cannot be listed (reading it says why)."""
+    try:
+        path = _corpus_path(cfg, "input.path", quiet=True)
+        if cfg.format == "hf" or (cfg.format == "auto" and _is_hf_dataset(path)):
+            if not Path(path).is_dir():
+                return None
+            fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
+            files = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                     if i.type == pafs.FileType.File]
+        else:
+            fs, root = pafs.FileSystem.from_uri(as_uri(path))
+            files = [info for info, _ in _list_files(fs, root, cfg.format, "input.path")]
+    except (ConfigError, OSError, ValueError):
+        return None
+    listing = sorted((_relative(root, i.path), i.size, i.mtime_ns) for i in files)
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def _corpus_path(cfg: InputConfig, path_key: str, quiet: bool = False) -> str:
+    """The path to read: the bundled corpus for `embedded`, a generate output's `selected/`, or as given."""
+    if cfg.path == EMBEDDED_CORPUS:
+        return str(EMBEDDED_CORPUS_PATH)
+    return _selected_if_generate_output(cfg.path, path_key, quiet)
 
 
 def _read_hf(name: str, cfg: InputConfig, path_key: str) -> ray.data.Dataset:
@@ -104,7 +133,7 @@ def looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or path.count("/") > 1
 
 
-def _selected_if_generate_output(path: str, path_key: str) -> str:
+def _selected_if_generate_output(path: str, path_key: str, quiet: bool = False) -> str:
     """`path` as given, or its `selected/` if it is a `generate` output folder: read whole, its snippets/
     would add the ORIGINAL pairs to the generated ones (as `train --generated`, or a second round's input)."""
     try:
@@ -118,7 +147,8 @@ def _selected_if_generate_output(path: str, path_key: str) -> str:
         raise ConfigError(f"{path_key}: {path} is a generate output that has not finished (no "
                           f"_stages/select.json); run that generate command to its end first")
     selected = f"{path.rstrip('/')}/selected"
-    log.info("%s: a generate output; reading its pairs, %s", path_key, selected)
+    if not quiet:
+        log.info("%s: a generate output; reading its pairs, %s", path_key, selected)
     return selected
 
 
@@ -135,7 +165,8 @@ def generate_version(path: str) -> str | None:
         return None
 
 
-def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list[tuple[str, str]]:
+def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list[tuple[pafs.FileInfo, str]]:
+    """The corpus files under `root` (or `root` itself), in order, each with its format."""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"{path_key}: {root} does not exist")
@@ -151,7 +182,7 @@ def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list
     for i in sorted(candidates, key=lambda i: i.path):
         kind = fmt if fmt != "auto" else _format_of(i.path)
         if kind is not None:
-            files.append((i.path, kind))
+            files.append((i, kind))
     if not files:
         raise ConfigError(f"{path_key}: no .json, .jsonl (also {', '.join(COMPRESSED)}) or .parquet files under {root}")
     return files

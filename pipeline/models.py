@@ -205,8 +205,9 @@ def model_version(path: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def other_model(recorded: str | None, now: str | None) -> bool:
-    """True if two `model_version` stamps name different models; an unknown one (None) is not compared."""
+def stamps_differ(recorded: str | None, now: str | None) -> bool:
+    """True if two version stamps (`model_version`, `io.input_version`) differ; an unknown one (None) is not
+    compared."""
     return recorded is not None and now is not None and recorded != now
 
 

@@ -128,3 +128,24 @@ def test_a_larger_input_keeps_the_scores_of_the_snippets_it_had(ray_local, tiny_
                                           r"\(summarize\.temperature: 0\.8 -> 0\.5\); use a new --output"):
         generate(load_config(overrides=tiny_overrides(tiny_model, corpus_folder, out, **{
             "input.limit": 20, "compute.batch_size": 1, "summarize.temperature": 0.5})))
+
+
+def test_input_files_changed_since_a_run_are_read_by_the_same_command(ray_local, tiny_model, corpus, tmp_path,
+                                                                        caplog):
+    """A file added to the input folder (or one replaced) after a run: the same command reads it and scores
+    only its new snippets. Until 2026-12-07 the finished preprocess stage was skipped and the new rows were
+    silently never read."""
+    folder, out = tmp_path / "input", tmp_path / "run"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in corpus[:8]))
+    cfg = load_config(overrides=tiny_overrides(tiny_model, folder, out))
+    first = generate(cfg)
+    assert generate(cfg)["stages"] == first["stages"]  # nothing changed: nothing redone
+
+    (folder / "b.jsonl").write_text("".join(json.dumps(row) + "\n" for row in corpus[8:14]))
+    with caplog.at_level("INFO", logger="pipeline.generate"):
+        grown = generate(cfg)
+    assert "input: its files changed since the last run" in caplog.text
+    assert grown["counts"]["input"] == 14 and grown["all_rows_accounted_for"]
+    assert grown["resume"]["inverse_snippets_resumed"] == first["counts"]["snippets"]
+    assert grown["resume"]["inverse_snippets_scored_now"] == grown["counts"]["snippets"] - first["counts"]["snippets"] > 0

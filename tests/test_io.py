@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, InputConfig
-from pipeline.io import OutputDir, _is_hf_dataset, read_corpus
+from pipeline.io import OutputDir, _is_hf_dataset, input_version, read_corpus
 from tests.test_records import GOOD, rows_of
 
 
@@ -47,6 +47,29 @@ def test_saved_hf_dataset(ray_local, tmp_path):
         read_corpus(InputConfig(path=str(tmp_path / "hf_dict")))
     assert rows_of(read_corpus(InputConfig(path=str(tmp_path / "hf_dict"), split="test")))[0]["source"] == "hf_dict:test"
 
+
+
+def test_the_input_version_changes_with_the_files_read_and_only_with_them(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps(GOOD) + "\n")
+    cfg = InputConfig(path=str(folder))
+    first = input_version(cfg)
+    assert first is not None and input_version(cfg) == first
+    (folder / "_SUCCESS").write_text("")  # not read: no change
+    (folder / "notes.txt").write_text("not a corpus file")
+    assert input_version(cfg) == first
+    (folder / "b.jsonl").write_text(json.dumps(GOOD) + "\n")  # one more file
+    second = input_version(cfg)
+    assert second != first
+    (folder / "b.jsonl").write_text(json.dumps({**GOOD, "instruction": "replaced"}) + "\n")
+    assert input_version(cfg) not in (first, second)
+    # The file alone reads as the folder that held only it did (the same rows, with the same ids).
+    assert input_version(InputConfig(path=str(folder / "a.jsonl"))) == first
+    assert input_version(InputConfig()) is not None  # the bundled corpus
+    # Not checked: a hub dataset name, an input that is not there (reading it says so).
+    assert input_version(InputConfig(path="someone/some-dataset")) is None
+    assert input_version(InputConfig(path=str(tmp_path / "missing.jsonl"))) is None
 
 def test_embedded_corpus_ids_are_stable(ray_local):
     a = rows_of(read_corpus(InputConfig(limit=5)))

@@ -34,7 +34,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, config_changes, to_dict
 from pipeline.io import OutputDir, generate_version, read_corpus
-from pipeline.models import cap_at_context, check_model_here, model_version, other_model, resolve_model_path
+from pipeline.models import cap_at_context, check_model_here, model_version, stamps_differ, resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import LoopConfig, train_loop
 from pipeline.train.report import write_report
@@ -181,7 +181,7 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
             changed.append(f"another config ({'; '.join(diff)})" if diff else "another config")
         if previous.get("generated_version", version) != version:
             changed.append("other generated pairs (the generate run of data.generated selected them again since)")
-        if other_model(previous.get("model_version"), base):
+        if stamps_differ(previous.get("model_version"), base):
             changed.append("another model at model.path (its files changed since)")
     if previous is not None and (overwrite or changed):
         if not overwrite and (out.exists(RUN_NAME) or out.exists("model")):
