@@ -229,6 +229,30 @@ def test_a_base_model_trained_again_into_its_folder_is_another_run(tiny_model, t
         claim_output(out, cfg, overwrite=False)
 
 
+
+def test_an_original_corpus_whose_files_changed_is_another_run(corpus, tmp_path):
+    """Same config and data.original path, other rows in its files: the finished run is not handed back
+    (until 2026-12-07 the same command returned the model trained on the old rows)."""
+    import json
+
+    from pipeline.config import ConfigError, TrainConfig, load_config
+    from pipeline.io import OutputDir
+    from pipeline.train.trainer import RUN_NAME, claim_output
+
+    original = tmp_path / "original.jsonl"
+    original.write_text("".join(json.dumps(row) + "\n" for row in corpus[:10]))
+    out = OutputDir(str(tmp_path / "train"))
+    cfg = load_config(CPU_CONFIG, {"data.original": str(original)}, schema=TrainConfig)
+    claim_output(out, cfg, overwrite=False)
+    (tmp_path / "train" / RUN_NAME).mkdir()
+    claim_output(out, cfg, overwrite=False)  # the same files: resumable
+    original.write_text("".join(json.dumps(row) + "\n" for row in corpus[:20]))
+    with pytest.raises(ConfigError, match=r"holds a training run of another original corpus \(the files of "
+                                          r"data.original changed since\); use a new --output"):
+        claim_output(out, cfg, overwrite=False)
+    claim_output(out, cfg, overwrite=True)
+    assert not (tmp_path / "train" / RUN_NAME).exists()
+
 def test_a_run_on_generated_pairs_resumes_only_while_their_generate_run_has_not_selected_again(tmp_path):
     """The same config and data.generated path, but the generate run there selected its pairs again (a loop
     rerun after a select config change): the finished training is of other pairs, so it is refused."""

@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, config_changes, to_dict
-from pipeline.io import OutputDir, generate_version, read_corpus
+from pipeline.io import OutputDir, generate_version, input_version, read_corpus
 from pipeline.models import cap_at_context, check_model_here, model_version, stamps_differ, resolve_model_path
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import LoopConfig, train_loop
@@ -173,6 +173,7 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     # rerun with another select config): the run trained on the old ones is not this one either.
     version = generate_version(str(cfg.data.generated)) if cfg.data.generated else None
     base = model_version(cfg.model.path)  # a base model trained again into its folder is another run too
+    original = input_version(cfg.data.original_input())  # so is a corpus whose files changed under its path
     previous = out.read_json("train_config.json")
     changed: list[str] = []  # what makes the folder's run another one, for the refusal
     if previous is not None:
@@ -183,6 +184,8 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
             changed.append("other generated pairs (the generate run of data.generated selected them again since)")
         if stamps_differ(previous.get("model_version"), base):
             changed.append("another model at model.path (its files changed since)")
+        if stamps_differ(previous.get("original_version"), original):
+            changed.append("another original corpus (the files of data.original changed since)")
     if previous is not None and (overwrite or changed):
         if not overwrite and (out.exists(RUN_NAME) or out.exists("model")):
             raise ConfigError(f"{out.uri} holds a training run of {' and of '.join(changed)}; use a new --output, "
@@ -190,7 +193,7 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
         for name in (RUN_NAME, "model", "manifest.json", "report.md", "loss.png"):
             out.remove(name)
     out.write_json("train_config.json", {"fingerprint": fingerprint, "config": keys, "generated_version": version,
-                                         "model_version": base})
+                                         "model_version": base, "original_version": original})
 
 
 def finished_run(out: OutputDir) -> dict[str, Any] | None:
