@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "of instruction/response or chat (messages) rows; 'embedded' = the bundled corpus")
     gen.add_argument("--output", metavar="DIR", help="output folder (local or s3://...)")
     _add_common(gen)
-    gen.add_argument("--limit", type=int, metavar="N", help="read only the first N input rows")
+    gen.add_argument("--limit", type=int, metavar="N",
+                     help="read only the first N input rows (a larger N later, same --output: only the new rows "
+                          "are scored)")
     gen.add_argument("--engine", choices=["vllm", "transformers"])
     gen.add_argument("--model", metavar="PATH_OR_ID", help="HF folder, hub id or s3:// folder; 'embedded' = SmolLM2-135M-Instruct")
     gen.add_argument("--num-candidates", type=int, metavar="K", help="candidate instructions per snippet")
