@@ -22,6 +22,8 @@ from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig
 log = logging.getLogger(__name__)
 
 def start_ray(address: str | None, verbose: bool = False) -> None:
+    """Join `address` (or RAY_ADDRESS, or a cluster `ray start` left on this machine) or start a local
+    instance, once per process; and set what Ray, Ray Data and vLLM log: the command's lines, or more (-v)."""
     # Ray Data's progress report is one log block every few seconds when stderr is not a terminal.
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -31,8 +33,19 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")
     if not verbose:  # vLLM logs at INFO inside the engine actors; `actor_pool` hands them this level
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _init(address)
+    # A stage that runs again replaces its folders: Ray Data warned of each ("[SaveMode=SaveMode.OVERWRITE]
+    # Replacing contents ...", five lines in a rerun), of what the stage means to do.
+    _quiet("ray.data.datasource.file_datasink", _REPLACING, not verbose)
+    # Ray Data looks once, as a dataset starts, for a free CPU, and warns "The Dataset job will hang" if there
+    # is none at that instant. On this command's own instance `check_fits` keeps one for Ray Data's tasks, so
+    # that is only the last stage's tasks giving theirs back (it came in most 2-core runs); on a cluster it
+    # may be true.
+    _quiet("ray.data.dataset", _NO_CPUS, _own_instance and not verbose)
+
+
+def _init(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # A private local instance: token auth (on by default since Ray 2.60) has nothing to protect here.
@@ -48,6 +61,25 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
     log.info("ray: %s", f"started a local instance ({resources})" if _own_instance else
              f"joined the cluster at {ray.get_runtime_context().gcs_address} ({len(ray.nodes())} node(s), "
              f"{resources} now)")
+
+
+class _Without(logging.Filter):
+    """Drops the log records whose message contains `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+_REPLACING = _Without("Replacing contents")
+_NO_CPUS = _Without("does not have any available CPUs")
+
+
+def _quiet(logger: str, without: _Without, on: bool) -> None:
+    (logging.getLogger(logger).addFilter if on else logging.getLogger(logger).removeFilter)(without)
 
 
 _own_instance = False  # start_ray started Ray itself: this machine's resources, and no autoscaler to add more

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -36,3 +37,25 @@ def test_engine_actors_this_machine_cannot_hold_are_refused_not_waited_for(ray_l
     assert placements({"CPU": 0.5, "multi_gpu": 0.125}, [{"CPU": 96.0}]) == 0
     assert placements({"CPU": 1}, [{"CPU": -1.0}]) == 0  # a node with no CPU left for an actor
     assert placements({"CPU": 0}, []) == sys.maxsize
+
+
+def test_ray_data_warnings_that_say_nothing_to_the_user_are_shown_only_with_verbose(ray_local, monkeypatch):
+    """Until 2026-12-07 a rerun printed five "[SaveMode=SaveMode.OVERWRITE] Replacing contents" warnings, and
+    most 2-core runs "The Ray cluster currently does not have any available CPUs. The Dataset job will hang"
+    (a free CPU looked for at one instant, while the last stage's tasks gave theirs back)."""
+    def shown(logger: str, message: str) -> bool:
+        record = logging.LogRecord(logger, logging.WARNING, __file__, 0, message, None, None)
+        return bool(logging.getLogger(logger).filter(record))
+
+    replacing = ("ray.data.datasource.file_datasink", "[SaveMode=SaveMode.OVERWRITE] Replacing contents /out/selected")
+    no_cpus = ("ray.data.dataset", "Warning: The Ray cluster currently does not have any available CPUs. The "
+                                   "Dataset job will hang unless more CPUs are freed up.")
+    monkeypatch.setattr(ray_setup, "_own_instance", True)  # as if start_ray had started `ray_local`
+    ray_setup.start_ray(None)
+    assert not shown(*replacing) and not shown(*no_cpus)
+    assert shown("ray.data.datasource.file_datasink", "Skipped writing empty block to /out/selected")
+    ray_setup.start_ray(None, verbose=True)
+    assert shown(*replacing) and shown(*no_cpus)
+    monkeypatch.setattr(ray_setup, "_own_instance", False)  # a cluster: it may run out of CPUs for good
+    ray_setup.start_ray(None)
+    assert not shown(*replacing) and shown(*no_cpus)
