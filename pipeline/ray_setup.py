@@ -21,6 +21,7 @@ from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig
 
 log = logging.getLogger(__name__)
 
+
 def start_ray(address: str | None, verbose: bool = False) -> None:
     """Join `address` (or RAY_ADDRESS, or a cluster `ray start` left on this machine) or start a local
     instance, once per process; and set what Ray, Ray Data and vLLM log: the command's lines, or more (-v)."""

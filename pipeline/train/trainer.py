@@ -34,7 +34,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, config_changes, to_dict
 from pipeline.io import OutputDir, generate_version, input_version, read_corpus
-from pipeline.models import cap_at_context, check_model_here, model_version, stamps_differ, resolve_model_path
+from pipeline.models import cap_at_context, check_model_here, model_version, resolve_model_path, stamps_differ
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import LoopConfig, train_loop
 from pipeline.train.report import write_report
