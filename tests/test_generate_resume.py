@@ -149,3 +149,13 @@ def test_input_files_changed_since_a_run_are_read_by_the_same_command(ray_local,
     assert grown["counts"]["input"] == 14 and grown["all_rows_accounted_for"]
     assert grown["resume"]["inverse_snippets_resumed"] == first["counts"]["snippets"]
     assert grown["resume"]["inverse_snippets_scored_now"] == grown["counts"]["snippets"] - first["counts"]["snippets"] > 0
+
+    # b.jsonl replaced by a version with one snippet's code edited: that snippet alone is scored again.
+    rows = corpus[8:14]
+    at = next(i for i, row in enumerate(rows) if "```python\n" in row["output"])
+    rows = [*rows[:at], {**rows[at], "output": rows[at]["output"].replace("```python\n", "```python\n# v2\n", 1)},
+            *rows[at + 1:]]
+    (folder / "b.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    replaced = generate(cfg)
+    assert replaced["resume"] == {"inverse_snippets_resumed": grown["counts"]["snippets"] - 1,
+                                  "inverse_snippets_scored_now": 1, "inverse_scores_dropped": 1}
