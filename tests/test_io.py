@@ -48,7 +48,6 @@ def test_saved_hf_dataset(ray_local, tmp_path):
     assert rows_of(read_corpus(InputConfig(path=str(tmp_path / "hf_dict"), split="test")))[0]["source"] == "hf_dict:test"
 
 
-
 def test_the_input_version_changes_with_the_files_read_and_only_with_them(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -70,6 +69,7 @@ def test_the_input_version_changes_with_the_files_read_and_only_with_them(tmp_pa
     # Not checked: a hub dataset name, an input that is not there (reading it says so).
     assert input_version(InputConfig(path="someone/some-dataset")) is None
     assert input_version(InputConfig(path=str(tmp_path / "missing.jsonl"))) is None
+
 
 def test_embedded_corpus_ids_are_stable(ray_local):
     a = rows_of(read_corpus(InputConfig(limit=5)))

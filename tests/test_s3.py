@@ -199,7 +199,6 @@ def test_resume_on_s3_after_the_driver_is_killed(s3_env, s3_corpus, s3_model, fi
         assert _table(env, f"corpus/runs/cut/{folder}", keys) == _table(env, f"corpus/runs/one/{folder}", keys), folder
 
 
-
 def test_a_larger_input_limit_on_s3_keeps_what_was_scored(s3_env, s3_corpus, s3_model, first_run):
     """A trial run on a few rows, then the whole input in the same S3 folder: only the new snippets are
     scored. A scored file there twice (a run killed while it rewrote the scores) is rewritten once."""
@@ -222,6 +221,7 @@ def test_a_larger_input_limit_on_s3_keeps_what_was_scored(s3_env, s3_corpus, s3_
     assert manifest["counts"] == first_run["counts"]
     for folder, keys in (("candidates", ["id", "k"]), ("selected", ["id"]), ("rejected", ["id"])):
         assert _table(env, f"corpus/runs/grow/{folder}", keys) == _table(env, f"corpus/runs/one/{folder}", keys), folder
+
 
 def test_evaluate_a_model_in_s3(s3_env, s3_model):
     """What `loop --output s3://…` does after training: evaluate the model that `train` wrote to S3."""

@@ -229,7 +229,6 @@ def test_a_base_model_trained_again_into_its_folder_is_another_run(tiny_model, t
         claim_output(out, cfg, overwrite=False)
 
 
-
 def test_an_original_corpus_whose_files_changed_is_another_run(corpus, tmp_path):
     """Same config and data.original path, other rows in its files: the finished run is not handed back
     (until 2026-12-07 the same command returned the model trained on the old rows)."""
@@ -252,6 +251,7 @@ def test_an_original_corpus_whose_files_changed_is_another_run(corpus, tmp_path)
         claim_output(out, cfg, overwrite=False)
     claim_output(out, cfg, overwrite=True)
     assert not (tmp_path / "train" / RUN_NAME).exists()
+
 
 def test_a_run_on_generated_pairs_resumes_only_while_their_generate_run_has_not_selected_again(tmp_path):
     """The same config and data.generated path, but the generate run there selected its pairs again (a loop
