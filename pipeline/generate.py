@@ -209,8 +209,9 @@ def _keep_unchanged_scores(out: OutputDir) -> int:
     old = out.parquet_files("_work/scored")
     if not old:
         return 0
-    wanted = set(_columns(_keyed(ray.data.read_parquet(out.sub("snippets"), columns=["id", "code", "lang"])),
-                          ["key"])["key"])
+    # Materialized: `_columns` counts the rows, then reads them (a lazy dataset would hash every snippet twice).
+    snippets = _keyed(ray.data.read_parquet(out.sub("snippets"), columns=["id", "code", "lang"])).materialize()
+    wanted = set(_columns(snippets, ["key"])["key"])
     scored = _keyed(ray.data.read_parquet(old, filesystem=out.fs, schema=SCORED_SCHEMA)).materialize()
     have = _columns(scored, ["id", "key"])
     keep = have["key"].isin(wanted)
