@@ -104,7 +104,11 @@ def _jsonl_records(data: bytes) -> Iterator[Any]:
         try:
             yield json.loads(text)
         except json.JSONDecodeError as err:
-            yield Unreadable("malformed json", f"line {number}: {err.msg} at column {err.colno}")
+            yield Unreadable("malformed json", f"line {number}: {_message(err)} at column {err.colno}")
+
+
+def _message(err: json.JSONDecodeError) -> str:
+    return err.msg.removesuffix(" at")  # "Invalid control character at": the position follows
 
 
 def _json_array_records(data: bytes, cfg: InputConfig, name: str = "") -> Iterator[Any]:
@@ -116,7 +120,7 @@ def _json_array_records(data: bytes, cfg: InputConfig, name: str = "") -> Iterat
         if text.lstrip().startswith("{"):
             yield from _jsonl_records(data)
             return
-        yield Unreadable("malformed json", f"{err.msg} at line {err.lineno} column {err.colno}")
+        yield Unreadable("malformed json", f"{_message(err)} at line {err.lineno} column {err.colno}")
         return
     one_record = isinstance(parsed, dict) and (cfg.instruction_field in parsed or cfg.messages_field in parsed)
     if one_record or (isinstance(parsed, dict) and not any(isinstance(v, list) for v in parsed.values())):

@@ -46,6 +46,15 @@ def test_jsonl_bad_rows_become_rows_with_reasons(ray_local, tmp_path):
     assert rows[0]["id"] == row_id("bad.jsonl", 0)
 
 
+def test_a_json_error_reads_as_one_sentence():
+    from pipeline.records import _json_array_records, _jsonl_records
+
+    bad = b'{"instruction": "a tab\tinside"}'  # a raw control character in a string
+    assert next(_jsonl_records(b"\n" + bad)).detail == "line 2: Invalid control character at column 23"
+    assert next(_json_array_records(b"[" + bad + b"]", InputConfig())).detail == (
+        "Invalid control character at line 1 column 24")
+
+
 def test_chat_rows_give_their_first_exchange(ray_local, tmp_path):
     """Chat-format corpora (OpenAI/HF `messages`, ShareGPT `conversations` of {from, value}), mixed with plain rows."""
     system, user, answer = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add."}, \
