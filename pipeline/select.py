@@ -77,7 +77,7 @@ def _verdict(batch: dict[str, Any], row: int, instructions: list[str], choice: C
     if index is not None:
         hit = index.match(instructions[choice.k] + "\n" + batch["code"][row])
         if hit is not None:
-            return "decontaminate", f"contaminated:{hit}", f"shares a {index.n}-word span with {hit}"
+            return "decontaminate", f"contaminated:{hit.benchmark}", str(hit)
     return None, None, None
 
 

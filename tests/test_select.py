@@ -57,6 +57,7 @@ def test_every_row_gets_one_decision():
     assert (out["k"][0], out["instruction"][0], out["reason"][0]) == (1, "Create a f.", None)
     assert (out["stage"][1], out["reason"][1]) == ("select", "below min score")
     assert (out["stage"][2], out["reason"][2]) == ("decontaminate", "contaminated:humaneval")
+    assert out["detail"][2].startswith("shares 10 words with HumanEval/0 (prompt): \"from typing import list")
     assert (out["stage"][3], out["reason"][3]) == ("inverse", "prompt too long")
     assert (out["stage"][4], out["reason"][4]) == ("select", "no scored candidate")
 
