@@ -36,7 +36,7 @@ from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, check_output_seen_everywhere, input_version, read_corpus
 from pipeline.models import check_model_here, model_version, stamps_differ
 from pipeline.progress import progress_lines
-from pipeline.ray_setup import actor_pool, check_fits, engine_actor, start_ray
+from pipeline.ray_setup import actor_pool, check_engine_actors, start_ray
 from pipeline.select import decide, tie_summary
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     check_model_here(cfg.model.path)
     out = OutputDir(cfg.output)
     start_ray(cfg.compute.ray_address, verbose)
-    check_fits(engine_actor(cfg), cfg.compute.min_actors, "engine actors",
-               "compute.min_actors / num_gpus_per_actor / num_cpus_per_actor")
+    check_engine_actors(cfg)
     sections, prints = stage_configs(cfg), fingerprint(cfg)
     model, inputs = model_version(cfg.model.path), input_version(cfg.input)
     _forget_changed_stages(out, sections, prints, overwrite, model, inputs)

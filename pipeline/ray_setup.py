@@ -8,6 +8,7 @@ there are actors it can never hold refused at once (`check_fits`) instead of wai
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig
+from pipeline.engines import VLLM_MISSING
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,16 @@ def placements(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
     if not need:
         return sys.maxsize
     return sum(min(int(max(node.get(k, 0), 0) / v + 1e-9) for k, v in need.items()) for node in nodes)
+
+
+def check_engine_actors(cfg: GenerateConfig | EvaluateConfig) -> None:
+    """Before any work, on this command's own instance (its actors start on this machine, from this Python):
+    refuse engine actors that would never fit (`check_fits`), or never start (vLLM not installed; on a
+    cluster the actors' nodes say so themselves, see VLLMEngine)."""
+    check_fits(engine_actor(cfg), cfg.compute.min_actors, "engine actors",
+               "compute.min_actors / num_gpus_per_actor / num_cpus_per_actor")
+    if _own_instance and cfg.model.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(VLLM_MISSING)
 
 
 def engine_actor(cfg: GenerateConfig | EvaluateConfig) -> dict[str, float]:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline import ray_setup
-from pipeline.config import ConfigError, EvaluateConfig, load_config
+from pipeline.config import ConfigError, EvaluateConfig, ModelConfig, load_config
 from pipeline.evaluate.run import evaluate
 from pipeline.generate import generate
 from pipeline.ray_setup import placements
@@ -37,6 +37,27 @@ def test_engine_actors_this_machine_cannot_hold_are_refused_not_waited_for(ray_l
     assert placements({"CPU": 0.5, "multi_gpu": 0.125}, [{"CPU": 96.0}]) == 0
     assert placements({"CPU": 1}, [{"CPU": -1.0}]) == 0  # a node with no CPU left for an actor
     assert placements({"CPU": 0}, []) == sys.maxsize
+
+
+def test_a_machine_without_vllm_is_told_so_in_one_line(ray_local, tiny_model, tmp_path, monkeypatch):
+    """Until 2026-12-07 a pip install without the [cpu]/[gpu] extra ended `generate` in 300 lines of Ray
+    tracebacks and a crashed actor (exit 1), after preprocess. Now: on the command's own instance a config
+    error before any work; on a cluster the engine actor raises it where it starts (one line, exit 2)."""
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed: `import vllm` fails, find_spec is None
+    monkeypatch.setattr(ray_setup, "_own_instance", True)  # as if start_ray had started `ray_local`
+    missing = r"model.engine: vllm is not installed on this machine \(pip install 'inverse-instruct\[gpu\]'"
+    overrides = {**tiny_overrides(tiny_model, "embedded", tmp_path / "g"), "model.engine": "vllm"}
+    with pytest.raises(ConfigError, match=missing):
+        generate(load_config(overrides=overrides))
+    assert not list((tmp_path / "g").glob("_stages/*"))  # no stage started
+    with pytest.raises(ConfigError, match=missing):
+        evaluate(load_config(overrides={"model.path": tiny_model, "output": str(tmp_path / "e")}, schema=EvaluateConfig))
+    from pipeline.engines.vllm_engine import VLLMEngine
+
+    with pytest.raises(ConfigError, match=missing):
+        VLLMEngine(ModelConfig(), tiny_model)
+    monkeypatch.setattr(ray_setup, "_own_instance", False)  # a cluster: its nodes may have vLLM where this has not
+    ray_setup.check_engine_actors(load_config(overrides=overrides))
 
 
 def test_ray_data_warnings_that_say_nothing_to_the_user_are_shown_only_with_verbose(ray_local, monkeypatch):

