@@ -30,11 +30,19 @@ log = logging.getLogger(__name__)
 
 
 def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
+    from pipeline.engines import VLLM_MISSING
     from pipeline.evaluate.run import evaluate
     from pipeline.generate import generate
+    from pipeline.ray_setup import check_installed, start_ray
+    from pipeline.train.loop import PEFT_MISSING
     from pipeline.train.trainer import train
 
     check_model_here(cfg.train.model.path)  # a broken base model fails now, not after generate (which checks its own)
+    start_ray(cfg.generate.compute.ray_address, verbose)  # (the steps find it started)
+    if cfg.train.lora.enabled:  # what the later steps' workers and actors import: missing, it fails now
+        check_installed("peft", f"train.{PEFT_MISSING}")
+    if cfg.evaluate.model.engine == "vllm":
+        check_installed("vllm", f"evaluate.{VLLM_MISSING}")
     if cfg.evaluate.benchmark.plus_path is not None:  # a bad EvalPlus file fails now, not after training
         from pipeline.evaluate.plus import load_plus_problems
 

@@ -116,13 +116,20 @@ def placements(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
 
 
 def check_engine_actors(cfg: GenerateConfig | EvaluateConfig) -> None:
-    """Before any work, on this command's own instance (its actors start on this machine, from this Python):
-    refuse engine actors that would never fit (`check_fits`), or never start (vLLM not installed; on a
-    cluster the actors' nodes say so themselves, see VLLMEngine)."""
+    """Before any work: refuse engine actors that would never fit (`check_fits`), or never start (vLLM not
+    installed, `check_installed`)."""
     check_fits(engine_actor(cfg), cfg.compute.min_actors, "engine actors",
                "compute.min_actors / num_gpus_per_actor / num_cpus_per_actor")
-    if _own_instance and cfg.model.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(VLLM_MISSING)
+    if cfg.model.engine == "vllm":
+        check_installed("vllm", VLLM_MISSING)
+
+
+def check_installed(module: str, error: str) -> None:
+    """Refuse at once, on this command's own instance, work whose actors or workers import `module` (they start
+    on this machine, from this Python) where it is not installed: they would fail one by one, after the work
+    before them. On a cluster other nodes may have it; they say `error` where they start."""
+    if _own_instance and importlib.util.find_spec(module) is None:
+        raise ConfigError(error)
 
 
 def engine_actor(cfg: GenerateConfig | EvaluateConfig) -> dict[str, float]:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline import ray_setup
-from pipeline.config import ConfigError, EvaluateConfig, ModelConfig, load_config
+from pipeline.config import ConfigError, EvaluateConfig, LoopConfig, ModelConfig, TrainConfig, load_config
 from pipeline.evaluate.run import evaluate
 from pipeline.generate import generate
 from pipeline.ray_setup import placements
 from tests.test_generate import tiny_overrides
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_engine_actors_this_machine_cannot_hold_are_refused_not_waited_for(ray_local, tiny_model, tmp_path,
@@ -58,6 +61,26 @@ def test_a_machine_without_vllm_is_told_so_in_one_line(ray_local, tiny_model, tm
         VLLMEngine(ModelConfig(), tiny_model)
     monkeypatch.setattr(ray_setup, "_own_instance", False)  # a cluster: its nodes may have vLLM where this has not
     ray_setup.check_engine_actors(load_config(overrides=overrides))
+
+
+def test_training_with_lora_where_peft_is_missing_is_refused_before_any_work(ray_local, tiny_model, tmp_path,
+                                                                             monkeypatch):
+    """Until 2026-12-07 `train` without the [train] extra read and packed its data, started its workers and
+    failed there (exit 1, a worker's traceback); `demo` did so after 7 minutes of generate."""
+    from pipeline.loop import run_loop
+    from pipeline.train.trainer import train
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    monkeypatch.setattr(ray_setup, "_own_instance", True)  # as if start_ray had started `ray_local`
+    missing = r"lora.enabled: peft is not installed on this machine \(pip install 'inverse-instruct\[train\]'"
+    cfg = load_config(REPO / "configs" / "train_cpu.yaml", {"model.path": tiny_model, "output": str(tmp_path / "t")},
+                      schema=TrainConfig)
+    with pytest.raises(ConfigError, match="^" + missing):
+        train(cfg)
+    assert not list((tmp_path / "t").glob("*/*"))  # no data prepared, no checkpoint
+    with pytest.raises(ConfigError, match="^train." + missing):  # demo.yaml trains with LoRA
+        run_loop(load_config(REPO / "configs" / "demo.yaml", {"output": str(tmp_path / "loop")}, schema=LoopConfig))
+    assert not (tmp_path / "loop" / "generate").exists()
 
 
 def test_ray_data_warnings_that_say_nothing_to_the_user_are_shown_only_with_verbose(ray_local, monkeypatch):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from pipeline.config import ConfigError
 from pipeline.models import resolve_model_path
 from pipeline.progress import duration
 from pipeline.train.data import Collate
@@ -37,6 +38,8 @@ from pipeline.train.data import Collate
 # A logger, not print: Ray Train V2 turns a worker's print into a log record AND, where Ray wraps stdout,
 # the plain print as well, so every printed line showed twice.
 log = logging.getLogger(__name__)
+PEFT_MISSING = ("lora.enabled: peft is not installed on this machine (pip install 'inverse-instruct[train]'; in a "
+                "clone: bash scripts/setup.sh), or set lora.enabled: false to train all weights")
 
 # Measured dense bf16 peak of one H100/H200 (the spec sheet's 989 TFLOP/s is not reachable).
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12}
@@ -210,7 +213,12 @@ def build_model(c: LoopConfig, device: torch.device) -> tuple[torch.nn.Module, i
     if c.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if c.lora is not None:
-        import peft  # only when asked: GPU images may lack it
+        try:
+            import peft  # only when asked: GPU images may lack it
+        except ModuleNotFoundError as err:
+            if err.name != "peft":
+                raise
+            raise ConfigError(PEFT_MISSING) from err
 
         targets = c.lora["target_modules"]
         model = peft.get_peft_model(model, peft.LoraConfig(

@@ -36,7 +36,7 @@ from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainC
 from pipeline.io import OutputDir, generate_version, input_version, read_corpus
 from pipeline.models import cap_at_context, check_model_here, model_version, resolve_model_path, stamps_differ
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
-from pipeline.train.loop import LoopConfig, train_loop
+from pipeline.train.loop import PEFT_MISSING, LoopConfig, train_loop
 from pipeline.train.report import write_report
 
 log = logging.getLogger("pipeline.train")
@@ -46,7 +46,7 @@ RUN_NAME = "checkpoints"
 def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.ray_setup import check_fits, start_ray
+    from pipeline.ray_setup import check_fits, check_installed, start_ray
 
     check_model_here(cfg.model.path)
     out = OutputDir(cfg.output)
@@ -58,6 +58,8 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     start_ray(cfg.compute.ray_address, verbose)
     check_fits(worker_resources(cfg.compute), cfg.compute.num_workers, "training workers",
                "compute.num_workers / use_gpu / cpus_per_worker / resources_per_worker")
+    if cfg.lora.enabled:
+        check_installed("peft", PEFT_MISSING)
     # Resolved here for the driver's tokenizer (and a missing path's error); the workers get `model.path` as
     # given and resolve it on their nodes, where `embedded` and `s3://` have their own node's cache.
     model_path = resolve_model_path(cfg.model.path, weights=False)
