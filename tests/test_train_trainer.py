@@ -231,7 +231,8 @@ def test_a_base_model_trained_again_into_its_folder_is_another_run(tiny_model, t
 
 def test_an_original_corpus_whose_files_changed_is_another_run(corpus, tmp_path):
     """Same config and data.original path, other rows in its files: the finished run is not handed back
-    (until 2026-12-07 the same command returned the model trained on the old rows)."""
+    (until 2026-12-07 the same command returned the model trained on the old rows). The same for pairs in
+    data.generated that no generate run wrote (a folder of files)."""
     import json
 
     from pipeline.config import ConfigError, TrainConfig, load_config
@@ -251,6 +252,16 @@ def test_an_original_corpus_whose_files_changed_is_another_run(corpus, tmp_path)
         claim_output(out, cfg, overwrite=False)
     claim_output(out, cfg, overwrite=True)
     assert not (tmp_path / "train" / RUN_NAME).exists()
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "a.jsonl").write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n")
+    cfg = load_config(CPU_CONFIG, {"data.original": str(original), "data.generated": str(pairs)}, schema=TrainConfig)
+    claim_output(out, cfg, overwrite=True)
+    (tmp_path / "train" / RUN_NAME).mkdir()
+    claim_output(out, cfg, overwrite=False)  # the same files: resumable
+    (pairs / "b.jsonl").write_text(json.dumps({"instruction": "c", "response": "d"}) + "\n")
+    with pytest.raises(ConfigError, match=r"a training run of other generated pairs \(the files of data.generated"):
+        claim_output(out, cfg, overwrite=False)
 
 
 def test_a_run_on_generated_pairs_resumes_only_while_their_generate_run_has_not_selected_again(tmp_path):

@@ -174,6 +174,8 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     # Pairs from a generate output change under the same path when its select stage runs again (a loop
     # rerun with another select config): the run trained on the old ones is not this one either.
     version = generate_version(str(cfg.data.generated)) if cfg.data.generated else None
+    # Pairs from a folder of files that no generate run wrote: a stamp of those files, as for the original corpus.
+    pairs = input_version(source_input(cfg, "generated")) if cfg.data.generated and version is None else None
     base = model_version(cfg.model.path)  # a base model trained again into its folder is another run too
     original = input_version(cfg.data.original_input())  # so is a corpus whose files changed under its path
     previous = out.read_json("train_config.json")
@@ -186,6 +188,8 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
             changed.append("other generated pairs (the generate run of data.generated selected them again since)")
         if stamps_differ(previous.get("model_version"), base):
             changed.append("another model at model.path (its files changed since)")
+        if stamps_differ(previous.get("generated_files_version"), pairs):
+            changed.append("other generated pairs (the files of data.generated changed since)")
         if stamps_differ(previous.get("original_version"), original):
             changed.append("another original corpus (the files of data.original changed since)")
     if previous is not None and (overwrite or changed):
@@ -195,7 +199,8 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
         for name in (RUN_NAME, "model", "manifest.json", "report.md", "loss.png"):
             out.remove(name)
     out.write_json("train_config.json", {"fingerprint": fingerprint, "config": keys, "generated_version": version,
-                                         "model_version": base, "original_version": original})
+                                         "generated_files_version": pairs, "model_version": base,
+                                         "original_version": original})
 
 
 def finished_run(out: OutputDir) -> dict[str, Any] | None:
