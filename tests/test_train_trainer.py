@@ -233,7 +233,7 @@ def test_an_original_corpus_whose_files_changed_is_another_run(corpus, tmp_path)
     """Same config and data.original path, other rows in its files: the finished run is not handed back
     (until 2026-12-07 the same command returned the model trained on the old rows). The same for pairs in
     data.generated that no generate run wrote (a folder of files)."""
-    import json
+    from dataclasses import replace
 
     from pipeline.config import ConfigError, TrainConfig, load_config
     from pipeline.io import OutputDir
@@ -262,6 +262,8 @@ def test_an_original_corpus_whose_files_changed_is_another_run(corpus, tmp_path)
     (pairs / "b.jsonl").write_text(json.dumps({"instruction": "c", "response": "d"}) + "\n")
     with pytest.raises(ConfigError, match=r"a training run of other generated pairs \(the files of data.generated"):
         claim_output(out, cfg, overwrite=False)
+    with pytest.raises(ConfigError, match=r"output \(.*/pairs/train\) is inside data.generated"):  # it would stamp itself
+        claim_output(OutputDir(str(pairs / "train")), replace(cfg, output=str(pairs / "train")), overwrite=False)
 
 
 def test_a_run_on_generated_pairs_resumes_only_while_their_generate_run_has_not_selected_again(tmp_path):

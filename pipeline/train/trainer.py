@@ -33,6 +33,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, config_changes, to_dict
+from pipeline.config.generate import inside
 from pipeline.io import OutputDir, generate_version, input_version, read_corpus
 from pipeline.models import cap_at_context, check_model_here, model_version, resolve_model_path, stamps_differ
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
@@ -176,6 +177,9 @@ def claim_output(out: OutputDir, cfg: TrainConfig, overwrite: bool) -> None:
     version = generate_version(str(cfg.data.generated)) if cfg.data.generated else None
     # Pairs from a folder of files that no generate run wrote: a stamp of those files, as for the original corpus.
     pairs = input_version(source_input(cfg, "generated")) if cfg.data.generated and version is None else None
+    if pairs is not None and inside(cfg.output, str(cfg.data.generated)):
+        raise ConfigError(f"output ({cfg.output}) is inside data.generated ({cfg.data.generated}): this run's JSON "
+                          f"files would be read as pairs by the next run on them; write the output elsewhere")
     base = model_version(cfg.model.path)  # a base model trained again into its folder is another run too
     original = input_version(cfg.data.original_input())  # so is a corpus whose files changed under its path
     previous = out.read_json("train_config.json")
