@@ -13,7 +13,8 @@ from pipeline.decontaminate import MBPP_PATH, BenchmarkIndex, words
 def test_every_benchmark_solution_is_caught():
     index = BenchmarkIndex(DecontaminateConfig())
     problems = read_problems()
-    assert sum(index.match(p["prompt"] + p["canonical_solution"]).benchmark == "humaneval" for p in problems.values()) == 164
+    hits = [index.match(p["prompt"] + p["canonical_solution"]) for p in problems.values()]
+    assert [hit.benchmark for hit in hits] == ["humaneval"] * 164
     mbpp = [json.loads(line) for line in MBPP_PATH.read_text().splitlines()]
     assert len(mbpp) == 974
     # Rephrased problem statement inside a longer instruction still matches.
