@@ -34,7 +34,7 @@ from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
 from pipeline.io import OutputDir, check_output_seen_everywhere, input_version, read_corpus
-from pipeline.models import check_model_here, model_version, stamps_differ
+from pipeline.models import model_version, stamps_differ
 from pipeline.progress import progress_lines
 from pipeline.ray_setup import actor_pool, check_engine_actors, start_ray
 from pipeline.select import decide, tie_summary
@@ -66,10 +66,9 @@ def _write(ds: ray.data.Dataset, out: OutputDir, name: str, schema: pa.Schema) -
 
 def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the manifest that it also writes to `output/manifest.json`."""
-    check_model_here(cfg.model.path)
-    out = OutputDir(cfg.output)
     start_ray(cfg.compute.ray_address, verbose)
-    check_engine_actors(cfg)
+    check_engine_actors(cfg)  # (and the model) before the output folder is made
+    out = OutputDir(cfg.output)
     sections, prints = stage_configs(cfg), fingerprint(cfg)
     model, inputs = model_version(cfg.model.path), input_version(cfg.input)
     _forget_changed_stages(out, sections, prints, overwrite, model, inputs)

@@ -22,7 +22,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from pipeline.config import EvaluateConfig, LoopConfig, ModelConfig, to_dict
+from pipeline.config import ConfigError, EvaluateConfig, LoopConfig, ModelConfig, to_dict
 from pipeline.io import OutputDir
 from pipeline.models import check_model_here
 
@@ -33,12 +33,16 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
     from pipeline.engines import VLLM_MISSING
     from pipeline.evaluate.run import evaluate
     from pipeline.generate import generate
-    from pipeline.ray_setup import check_installed, start_ray
+    from pipeline.ray_setup import check_installed, own_instance, start_ray
     from pipeline.train.loop import PEFT_MISSING
     from pipeline.train.trainer import train
 
-    check_model_here(cfg.train.model.path)  # a broken base model fails now, not after generate (which checks its own)
     start_ray(cfg.generate.compute.ray_address, verbose)  # (the steps find it started)
+    # a broken base model fails now, not after generate (which checks its own)
+    try:
+        check_model_here(cfg.train.model.path, only_node=own_instance())
+    except ConfigError as err:
+        raise ConfigError(f"train.{err}") from None
     if cfg.train.lora.enabled:  # what the later steps' workers and actors import: missing, it fails now
         check_installed("peft", f"train.{PEFT_MISSING}")
     if cfg.evaluate.model.engine == "vllm":

@@ -54,13 +54,13 @@ def resolve_model_path(path: str, weights: bool = True) -> str:
     return path
 
 
-def check_model_here(path: str) -> None:
+def check_model_here(path: str, only_node: bool = False) -> None:
     """For a driver, before any engine actor starts: a local model folder it can see is checked now (one line,
     not the actors' start tracebacks), and so is a hub id. A path it cannot see may exist on the cluster's
-    nodes: checked there."""
+    nodes (checked there), unless this machine is the only node (`only_node`: the command's own Ray instance)."""
     if path == EMBEDDED_MODEL or "://" in path:
         return
-    if Path(path).expanduser().is_dir():
+    if Path(path).expanduser().is_dir() or (only_node and looks_local(path)):
         resolve_model_path(path)  # for a local folder: only the check, nothing is fetched or built
     elif not looks_local(path):
         check_hub_model(path)

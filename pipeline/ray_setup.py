@@ -20,6 +20,7 @@ from ray.data import ActorPoolStrategy
 
 from pipeline.config import ConfigError, EvaluateConfig, GenerateConfig
 from pipeline.engines import VLLM_MISSING
+from pipeline.models import check_model_here
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,15 @@ def placements(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
     return sum(min(int(max(node.get(k, 0), 0) / v + 1e-9) for k, v in need.items()) for node in nodes)
 
 
+def own_instance() -> bool:
+    """Whether `start_ray` started this command's own local instance: this machine is its only node."""
+    return _own_instance
+
+
 def check_engine_actors(cfg: GenerateConfig | EvaluateConfig) -> None:
-    """Before any work: refuse engine actors that would never fit (`check_fits`), or never start (vLLM not
-    installed, `check_installed`)."""
+    """Before any work: refuse engine actors that would never start (their model missing or broken where the
+    driver can tell, `check_model_here`; vLLM not installed, `check_installed`) or never fit (`check_fits`)."""
+    check_model_here(cfg.model.path, only_node=_own_instance)
     check_fits(engine_actor(cfg), cfg.compute.min_actors, "engine actors",
                "compute.min_actors / num_gpus_per_actor / num_cpus_per_actor")
     if cfg.model.engine == "vllm":

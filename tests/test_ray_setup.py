@@ -12,6 +12,7 @@ from pipeline import ray_setup
 from pipeline.config import ConfigError, EvaluateConfig, LoopConfig, ModelConfig, TrainConfig, load_config
 from pipeline.evaluate.run import evaluate
 from pipeline.generate import generate
+from pipeline.loop import run_loop
 from pipeline.ray_setup import placements
 from tests.test_generate import tiny_overrides
 
@@ -63,11 +64,31 @@ def test_a_machine_without_vllm_is_told_so_in_one_line(ray_local, tiny_model, tm
     ray_setup.check_engine_actors(load_config(overrides=overrides))
 
 
+def test_a_model_path_missing_on_the_commands_own_instance_is_told_in_one_line(ray_local, tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    """Until 2026-12-07 a mistyped local `--model` was left for the engine actors to find (it may exist on a
+    cluster's nodes only): `evaluate` printed 238 lines of actor tracebacks before its error, and `generate`
+    read and preprocessed the corpus first (exit 0 when no snippet reached the engine). On the command's own
+    instance this machine is the only node: refused before any work."""
+    monkeypatch.setattr(ray_setup, "_own_instance", True)  # as if start_ray had started `ray_local`
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ConfigError, match=rf"model.path: {missing} does not exist on "):
+        generate(load_config(overrides={**tiny_overrides(tiny_model, "embedded", tmp_path / "g"),
+                                        "model.path": missing}))
+    assert not list((tmp_path / "g").glob("_stages/*"))  # no stage started
+    with pytest.raises(ConfigError, match=rf"model.path: {missing} does not exist on "):
+        evaluate(load_config(overrides={"model.path": missing, "output": str(tmp_path / "e")}, schema=EvaluateConfig))
+    with pytest.raises(ConfigError, match=rf"train.model.path: {missing} does not exist on "):
+        run_loop(load_config(overrides={"train.model.path": missing, "output": str(tmp_path / "l")}, schema=LoopConfig))
+    assert not (tmp_path / "l").exists()
+    monkeypatch.setattr(ray_setup, "_own_instance", False)  # a cluster: the path may be on its nodes
+    ray_setup.check_engine_actors(load_config(overrides={"model.path": missing, "model.engine": "transformers"}))
+
+
 def test_training_with_lora_where_peft_is_missing_is_refused_before_any_work(ray_local, tiny_model, tmp_path,
                                                                              monkeypatch):
     """Until 2026-12-07 `train` without the [train] extra read and packed its data, started its workers and
     failed there (exit 1, a worker's traceback); `demo` did so after 7 minutes of generate."""
-    from pipeline.loop import run_loop
     from pipeline.train.trainer import train
 
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed

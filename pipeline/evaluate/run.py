@@ -31,7 +31,7 @@ from pipeline.evaluate.plus import load_plus_problems
 from pipeline.evaluate.sandbox import Outcome, run_program
 from pipeline.io import OutputDir
 from pipeline.manifest import versions
-from pipeline.models import check_model_here, resolve_model_path
+from pipeline.models import resolve_model_path
 from pipeline.progress import progress_lines
 from pipeline.prompts import PromptBuilder
 
@@ -141,19 +141,18 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     """Run the job; returns the summary that it also writes to `output/summary.json`."""
     from pipeline.ray_setup import actor_pool, check_engine_actors, start_ray
 
-    check_model_here(cfg.model.path)
     evalplus = cfg.benchmark.plus_path is not None
     if evalplus:  # EvalPlus' problems and test suites, which run longer than a few asserts
         problems = load_plus_problems(cfg.benchmark)
         sandbox = replace(cfg.sandbox, timeout_s=cfg.benchmark.plus_timeout_s)
     else:
         problems, sandbox = benchmarks.load_problems(cfg.benchmark.name, cfg.benchmark.limit), cfg.sandbox
+    start_ray(cfg.compute.ray_address, verbose)
+    check_engine_actors(cfg)  # (and the model) before the output folder is made
     out = OutputDir(cfg.output)
     if out.exists("summary.json") and not overwrite:
         raise ConfigError(f"output {out.uri} already holds an evaluation (summary.json); use a new --output "
                           f"or --overwrite")
-    start_ray(cfg.compute.ray_address, verbose)
-    check_engine_actors(cfg)
     started_at = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
     c = cfg.compute
