@@ -58,10 +58,12 @@ class CrashLedger:
         self.rejected: set[str] = set()
         self.engines_up: set[str] = set()  # processes whose engine is open
         self.finished = 0  # rows done (scored, or rejected here), for the driver's progress lines
+        self.summarized: set[str] = set()  # in flight, with their candidates written (generate's step 2 done)
 
     def examine(self, ids: list[str]) -> dict[str, list[int]]:
         """The crash history of each snippet about to run. A snippet still in flight elsewhere is being
         retried: Ray Data hands a batch out again only after the actor holding it died."""
+        self.summarized.difference_update(ids)  # handed out again: they start over
         for i in ids:
             process = self.holder.pop(i, None)
             if process is not None:
@@ -75,8 +77,12 @@ class CrashLedger:
         self.in_flight.setdefault(process, set()).update(ids)
         self.holder.update((i, process) for i in ids)
 
+    def summarized_now(self, ids: list[str]) -> None:
+        self.summarized.update(i for i in ids if i in self.holder)  # (a late report after `end` is dropped)
+
     def end(self, process: str, ids: list[str]) -> None:
         self.finished += len(ids)
+        self.summarized.difference_update(ids)
         for i in ids:
             self.in_flight.get(process, set()).discard(i)
             if self.holder.get(i) == process:
@@ -92,9 +98,9 @@ class CrashLedger:
         """Engines still to be closed; a process known to have died has nothing left to close."""
         return len(self.engines_up - self.dead)
 
-    def progress(self) -> tuple[int, int]:
-        """(rows done, engines up): see pipeline/progress.py."""
-        return self.finished, self.engines_open()
+    def progress(self) -> tuple[int, int, int]:
+        """(rows done, engines up, rows in flight with their candidates written): see pipeline/progress.py."""
+        return self.finished, self.engines_open(), len(self.summarized)
 
     def summary(self) -> dict[str, int]:
         """For the run manifest."""
@@ -202,6 +208,15 @@ class CrashIsolation:
         # Quiet: when the job failed (or the driver's wait ran out) the ledger is gone already, and a
         # retired actor has nothing to say about that.
         self._ask("engine_closed", self.process, timeout_s=10, failure_level=logging.DEBUG)
+
+    def summarized(self, row_id: str) -> None:
+        """Row `row_id` has its candidates written (its judging, or the rest of its batch, is still to come):
+        for the progress lines, which otherwise move only when a whole batch is done (minutes on a laptop).
+        Never waited for: called on the engine's own loop thread (one small call per snippet)."""
+        try:
+            self.ledger.summarized_now.remote([row_id])
+        except Exception:  # noqa: BLE001 - a progress count is never worth a batch
+            log.debug("crash ledger: summarized_now failed", exc_info=True)
 
     def run(self, batch: pa.Table, score: Score, reject: Reject) -> pa.Table:
         ids = batch.column(self.id_column).to_pylist()

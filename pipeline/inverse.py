@@ -112,6 +112,8 @@ class InverseInstruct:
         def judge_prompts(row: int, texts: list[str]) -> list[list[int] | None]:
             """Step 3 prompts of one snippet's candidates; None = too long (that candidate stays unscored)."""
             out["instructions"][row] = [(prefixes[row] + text).strip() for text in texts]
+            if self.isolation is not None:
+                self.isolation.summarized(ids[row])
             with self._tokenizer_lock:
                 built = self.prompts.judge_all(out["instructions"][row], codes[row], langs[row])
             return [p if len(p) < self.max_len else None for p in built]

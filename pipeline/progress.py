@@ -48,17 +48,19 @@ def _report(ledger: Any, stage: str, unit: str, total: int, already_done: int, e
     samples: deque[tuple[float, int]] = deque([(start, 0)], maxlen=RATE_WINDOW + 1)
     while not stop.wait(every_s):
         try:
-            now_done, engines_up = ray.get(ledger.progress.remote(), timeout=10)
+            now_done, engines_up, summarized = ray.get(ledger.progress.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - a ledger that cannot answer costs a line, never the job
             log.debug("progress: the ledger did not answer", exc_info=True)
             continue
         samples.append((time.monotonic(), now_done))
-        log.info("%s", progress_line(stage, unit, total, already_done, list(samples), engines_up, start))
+        log.info("%s", progress_line(stage, unit, total, already_done, list(samples), engines_up, start,
+                                     summarized))
 
 
 def progress_line(stage: str, unit: str, total: int, already_done: int, samples: list[tuple[float, int]],
-                  engines_up: int, start: float) -> str:
-    """`samples`: (monotonic time, rows finished by this run) pairs, oldest first, the newest being now."""
+                  engines_up: int, start: float, summarized: int = 0) -> str:
+    """`samples`: (monotonic time, rows finished by this run) pairs, oldest first, the newest being now;
+    `summarized`: rows not finished whose candidates are written (a row is finished with its whole batch)."""
     if samples[0][1] == 0:  # the rate counts from the last sample before the first row was done, not the start
         samples = samples[max(i for i, (_, done) in enumerate(samples) if done == 0):]
     (t0, done0), (now, done_now) = samples[0], samples[-1]
@@ -67,6 +69,8 @@ def progress_line(stage: str, unit: str, total: int, already_done: int, samples:
     if already_done:
         line += f" ({already_done:,} from an earlier run)"
     line += f"; {engines_up} engine{'' if engines_up == 1 else 's'} up"
+    if summarized:
+        line += f"; {summarized:,} more summarized"
     if done_now == 0:
         return line + (" (starting)" if engines_up == 0 else "")
     rate = (done_now - done0) / (now - t0) if now > t0 else 0.0

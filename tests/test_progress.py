@@ -56,10 +56,22 @@ def test_the_ledger_counts_rows_done_including_rejected_ones():
     ledger = CrashLedger()
     ledger.engine_opened("p1")
     ledger.begin("p1", ["a", "b"])
-    assert ledger.progress() == (0, 1)
+    assert ledger.progress() == (0, 1, 0)
+    ledger.summarized_now(["a"])  # its candidates are written; its batch is not done
+    assert ledger.progress() == (0, 1, 1)
     ledger.end("p1", ["a", "b"])
     ledger.end("p1", ["convicted"])  # rejected without a run: done all the same
-    assert ledger.progress() == (3, 1)
+    assert ledger.progress() == (3, 1, 0)
+    ledger.summarized_now(["a"])  # told late, after its batch was done: not counted again
+    ledger.begin("p2", ["c"])
+    ledger.summarized_now(["c"])
+    ledger.examine(["c"])  # handed out again (p2 died): it starts over
+    assert ledger.progress() == (3, 1, 0)
+
+
+def test_snippets_summarized_but_not_done_are_said():
+    assert progress_line("inverse", "snippets", 18, 0, [(0, 0), (240, 0)], 1, 0, summarized=11) == (
+        "inverse: 0 of 18 snippets (0.0%) after 4m00s; 1 engine up; 11 more summarized")
 
 
 def _lines(caplog) -> list[str]:
