@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with _ctrl_c_once():
+    with _stop_once():
         return _run(cfg, args)
 
 
@@ -203,9 +203,10 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
     except ConfigError as err:  # refused by the job itself, e.g. an output folder that holds another config
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: the shell's code for it, not a traceback from wherever Ray was waiting
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the shell's code, not a traceback from where Ray waited
+        terminated = isinstance(stop, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as err:  # noqa: BLE001 - only an actor's start errors are handled; the rest is re-raised
         refused = actor_start_error(err)
         if refused is None:
@@ -217,27 +218,39 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
         return refused[1]
 
 
-def _interrupted(signum: int, frame: Any) -> None:
-    """The first Ctrl-C stops the command; later ones are ignored: users press it twice, and a second one broke
-    what the first set going halfway (Ray's shutdown at exit: a traceback, and the local instance's dashboard
-    and runtime-env agents left running; `submit`: the request that stops the job on the cluster)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a batch scheduler's cancel, `ray job stop`, a Kubernetes pod deleted): the command
+    stops as on Ctrl-C, with the shell's code for it (143). Before 2026-12-07 Ray's handler printed a C++ stack
+    dump and exited with code 15, saying nothing of why."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """The first Ctrl-C (or SIGTERM) stops the command; later ones are ignored: users press it twice, and a second
+    one broke what the first set going halfway (Ray's shutdown at exit: a traceback, and the local instance's
+    dashboard and runtime-env agents left running; `submit`: the request that stops the job on the cluster)."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+_STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # -> Python's default
 
 
 @contextlib.contextmanager
-def _ctrl_c_once() -> Iterator[None]:
-    # Only where Ctrl-C has Python's default meaning: a shell's background job ignores it, and so do we then.
-    if threading.current_thread() is not threading.main_thread() or (
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+def _stop_once() -> Iterator[None]:
+    # Only for signals with Python's default meaning: a shell's background job ignores Ctrl-C, and so do we then.
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.signal(signal.SIGINT, _interrupted)
+    ours = [sig for sig, default in _STOP_SIGNALS.items() if signal.getsignal(sig) is default]
+    for sig in ours:
+        signal.signal(sig, _stop)
     try:
         yield
-    finally:  # in-process callers (tests) get Ctrl-C back; after a Ctrl-C it stays ignored until the exit
-        if signal.getsignal(signal.SIGINT) is _interrupted:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:  # in-process callers (tests) get them back; after a stop they stay ignored until the exit
+        for sig in ours:
+            if signal.getsignal(sig) is _stop:
+                signal.signal(sig, _STOP_SIGNALS[sig])
 
 
 # Errors of an engine actor's start that end the command with one line, and its exit code.

@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -54,7 +56,12 @@ def _init(address: str | None) -> None:
     if not address:
         # A private local instance: token auth (on by default since Ray 2.60) has nothing to protect here.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # ray.init puts its own SIGTERM handler in (exit code 15, after a C++ stack dump); one the caller set (the
+    # command line's: stop as on Ctrl-C) is put back.
+    before = signal.getsignal(signal.SIGTERM)
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    if callable(before) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, before)
     # Without an address Ray joins a cluster started on this machine by `ray start` (which may autoscale), or
     # else starts its own instance; only the latter makes this process the head node.
     global _own_instance

@@ -24,6 +24,7 @@ JOBS = sorted(p.stem for p in RAY_JOBS.glob("*.py") if p.stem != "__init__")
 """One thin entrypoint per job: `python -m ray_jobs.<job>` (generate, train, evaluate, loop)."""
 
 INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
+TERMINATED = 143  # and by SIGTERM
 
 
 def entrypoint(job: str, job_args: list[str]) -> str:
@@ -58,7 +59,7 @@ def client(address: str | None) -> JobSubmissionClient:
 
 def submit(job: str, job_args: list[str], cfg: SubmitConfig, wait: bool = True,
            out: TextIO = sys.stdout) -> int:
-    """Submit, stream the logs until the job ends, return 0 if it SUCCEEDED (1 otherwise, 130 on Ctrl-C)."""
+    """Submit, stream the logs until the job ends, return 0 if it SUCCEEDED (1 otherwise, 130 on Ctrl-C, 143 on SIGTERM)."""
     jobs = client(cfg.address)
     command = entrypoint(job, job_args)
     t0 = time.perf_counter()
@@ -70,10 +71,13 @@ def submit(job: str, job_args: list[str], cfg: SubmitConfig, wait: bool = True,
         return 0
     try:
         status = follow_logs(jobs, job_id, out)
-    except KeyboardInterrupt:
-        _note(f"interrupted: stopping {job_id}")
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (pipeline.cli.Terminated): the job stops too
+        from pipeline.cli import Terminated
+
+        terminated = isinstance(stop, Terminated)
+        _note(f"{'terminated' if terminated else 'interrupted'}: stopping {job_id}")
         jobs.stop_job(job_id)
-        return INTERRUPTED
+        return TERMINATED if terminated else INTERRUPTED
     info = jobs.get_job_info(job_id)
     _note(f"{job_id} {status.value} after {time.perf_counter() - t0:.1f}s" +
           (f": {info.message}" if status != JobStatus.SUCCEEDED and info.message else ""))

@@ -197,7 +197,8 @@ def test_the_working_dir_upload_leaves_out_venv_outputs_and_git(tmp_path):
     assert remote == {"working_dir": "s3://b/pkg.zip", "pip": ["rich"], "env_vars": {"PYTHONUNBUFFERED": "1", "A": "1"}}
 
 
-def test_ctrl_c_stops_the_job_on_the_cluster(cluster, tiny_model, tmp_path):
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_the_job_on_the_cluster(stop, code, cluster, tiny_model, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -217,13 +218,13 @@ def test_ctrl_c_stops_the_job_on_the_cluster(cluster, tiny_model, tmp_path):
         deadline = time.monotonic() + 120
         while jobs.get_job_status(job_id) != JobStatus.RUNNING and time.monotonic() < deadline:
             time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         try:
-            assert proc.wait(timeout=60) == 130
+            assert proc.wait(timeout=60) == code
         except subprocess.TimeoutExpired:  # say where it waits
             stack = subprocess.run([str(VENV_BIN / "py-spy"), "dump", "--pid", str(proc.pid)],
                                    capture_output=True, text=True).stdout if (VENV_BIN / "py-spy").exists() else ""
-            pytest.fail(f"no exit 60 s after Ctrl-C; its stack:\n{stack}\nits stderr:\n{''.join(stderr)[-3000:]}")
+            pytest.fail(f"no exit 60 s after {stop.name}; its stack:\n{stack}\nits stderr:\n{''.join(stderr)[-3000:]}")
         while not jobs.get_job_status(job_id).is_terminal() and time.monotonic() < deadline + 60:
             time.sleep(0.5)
         assert jobs.get_job_status(job_id) == JobStatus.STOPPED
