@@ -312,6 +312,11 @@ def run_submit(cfg: SubmitConfig, args: argparse.Namespace) -> int:
         return 2
 
 
+def _number(value: float | None, spec: str) -> str:
+    """As the step lines write it (a loss read 0.866560772061348); n/a for none (MFU where no peak FLOP/s is known)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def run_train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from pipeline.train.trainer import train
 
@@ -319,7 +324,8 @@ def run_train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     m = train(cfg, verbose=args.verbose, overwrite=args.overwrite)
     t = m["throughput"]
     print(f"done in {time.perf_counter() - t0:.0f}s: {m['steps']} steps over {' -> '.join(m['phases'])}; "
-          f"loss {m['loss']['first']} -> {m['loss']['last']}; tokens/s {t['tokens_per_s']}; MFU {t['mfu']}\n"
+          f"loss {_number(m['loss']['first'], '.4f')} -> {_number(m['loss']['last'], '.4f')}; tokens/s "
+          f"{_number(t['tokens_per_s'], ',.0f')}; MFU {_number(t['mfu'], '.3f')}\n"
           f"model: {m['outputs']['model']}; report: {m['outputs']['report']}")
     return 0
 

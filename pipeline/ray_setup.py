@@ -32,6 +32,8 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
     instance, once per process; and set what Ray, Ray Data and vLLM log: the command's lines, or more (-v)."""
     # Ray Data's progress report is one log block every few seconds when stderr is not a terminal.
     ray.data.DataContext.get_current().enable_progress_bars = verbose
+    # And each dataset's "Starting execution ..." and its plan, which train's data actors print on every node.
+    ray.data.DataContext.get_current().print_on_execution_start = verbose
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     # Its warning that they are off tells a user to set a Python attribute: here that is what -v does.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)

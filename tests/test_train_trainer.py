@@ -136,6 +136,11 @@ def test_ctrl_c_stops_training_with_its_exit_code_and_the_same_command_resumes(t
     m = json.loads((out / "manifest.json").read_text())
     assert len(m["resumed_from_step"]) == 1 and m["resumed_from_step"][0] > 0  # from a checkpoint
     assert m["steps"] == sum(m["planned_steps"])
+    said = done.stdout + done.stderr  # Ray Train's and Ray Data's INFO lines only with -v (43 of 68 lines before)
+    for noise in ("Reporting training result", "Checkpoint successfully created", "Requesting resources",
+                  "Starting execution of Dataset"):
+        assert noise not in said, said[said.find(noise) - 500:][:1500]
+    assert re.search(r"; loss \d+\.\d{4} -> \d+\.\d{4}; tokens/s [\d,]+; MFU n/a\n", said), said[-1000:]
 
 
 @pytest.mark.slow

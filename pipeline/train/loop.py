@@ -74,6 +74,7 @@ class LoopConfig:
     model_output: str
     save_dtype: str
     seed: int
+    verbose: bool = False  # -v: Ray Train's own INFO lines too
 
 
 @dataclass
@@ -89,8 +90,21 @@ class TrainState:
     done: bool = False
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs each worker's every report ("Reporting training result 3: TrainingReport(...)", one long
+    line per worker per checkpoint) at INFO, under a logger named by its file's path, which its LoggingConfig
+    (trainer.ray_train_logging) does not reach."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     c = LoopConfig(**config)
+    if not c.verbose:
+        quiet_ray_train_reports()
     c.model_path = resolve_model_path(c.model_path)  # on this worker's node (embedded, s3://: its own cache)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

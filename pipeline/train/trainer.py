@@ -93,7 +93,8 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
         checkpoint_every=cfg.checkpoint.every_steps, strategy=cfg.compute.strategy, bf16=bf16,
         gradient_checkpointing=cfg.model.gradient_checkpointing, attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code, lora=to_dict(cfg.lora) if cfg.lora.enabled else None,
-        peak_flops=cfg.compute.peak_flops, model_output=out.sub("model"), save_dtype=save_dtype, seed=cfg.data.seed)
+        peak_flops=cfg.compute.peak_flops, model_output=out.sub("model"), save_dtype=save_dtype, seed=cfg.data.seed,
+        verbose=verbose)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=asdict(loop),
@@ -101,7 +102,8 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
                                      resources_per_worker=worker_resources(cfg.compute)),
         run_config=RunConfig(name=RUN_NAME, storage_path=out.uri,
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                             **ray_train_logging(verbose)),
         datasets=datasets,
         dataset_config=ingest_config(),
     )
@@ -134,6 +136,14 @@ def fit_keeping_ctrl_c(trainer: TorchTrainer) -> Result:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def ray_train_logging(verbose: bool) -> dict[str, Any]:
+    """RunConfig's arguments for Ray Train's own INFO lines (each worker group start, report and checkpoint:
+    20 lines for an 18-step demo run): shown only with -v, as Ray's are elsewhere. Ray 2.60's LoggingConfig;
+    an older Ray (the GPU recipe's 2.58) has none and shows them."""
+    config = getattr(ray.train, "LoggingConfig", None)
+    return {} if verbose or config is None else {"logging_config": config(log_level="WARNING")}
 
 
 def worker_resources(compute: TrainComputeConfig) -> dict[str, float]:
