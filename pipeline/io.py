@@ -78,7 +78,7 @@ def input_version(cfg: InputConfig) -> str | None:
                      if i.type == pafs.FileType.File]
         else:
             fs, root = pafs.FileSystem.from_uri(as_uri(path))
-            files = [info for info, _ in _list_files(fs, root, cfg.format, "input.path")]
+            files = [info for info, _ in _list_files(fs, root, cfg.format, "input.path", quiet=True)]
     except (ConfigError, OSError, ValueError):
         return None
     listing = sorted((_relative(root, i.path), i.size, i.mtime_ns) for i in files)
@@ -165,8 +165,10 @@ def generate_version(path: str) -> str | None:
         return None
 
 
-def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list[tuple[pafs.FileInfo, str]]:
-    """The corpus files under `root` (or `root` itself), in order, each with its format."""
+def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str,
+                quiet: bool = False) -> list[tuple[pafs.FileInfo, str]]:
+    """The corpus files under `root` (or `root` itself), in order, each with its format. Files of other kinds in
+    a folder (a README.md, a .csv) are not read, and named in a warning (`quiet`: not)."""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"{path_key}: {root} does not exist")
@@ -178,11 +180,16 @@ def _list_files(fs: pafs.FileSystem, root: str, fmt: str, path_key: str) -> list
         candidates = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                       if i.type == pafs.FileType.File
                       and not any(part.startswith((".", "_")) for part in Path(_relative(root, i.path)).parts)]
-    files = []
+    files, others = [], []
     for i in sorted(candidates, key=lambda i: i.path):
         kind = fmt if fmt != "auto" else _format_of(i.path)
         if kind is not None:
             files.append((i, kind))
+        else:
+            others.append(_relative(root, i.path))
+    if files and others and not quiet:
+        log.warning("%s: %d file(s) under %s are not .json, .jsonl or .parquet and are not read: %s%s", path_key,
+                    len(others), root, ", ".join(others[:5]), ", ..." if len(others) > 5 else "")
     if not files:
         raise ConfigError(f"{path_key}: no .json, .jsonl (also {', '.join(COMPRESSED)}) or .parquet files under {root}")
     return files

@@ -110,6 +110,18 @@ def test_hidden_and_bookkeeping_entries_of_a_folder_are_skipped(ray_local, tmp_p
     assert sorted(r["source"] for r in rows) == ["part-0.jsonl", "sub/part-1.jsonl"]
 
 
+def test_files_of_other_kinds_in_a_folder_are_named_not_skipped_silently(ray_local, tmp_path, caplog):
+    """A README.md or a .csv beside the JSONL files was left out without a word (until 2026-12-07)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "part-0.jsonl").write_text('{"instruction": "Add.", "output": "```python\\nx = 1\\n```"}\n')
+    for name in ("README.md", "more.csv"):
+        (tmp_path / "data" / name).write_text("instruction,output\n")
+    rows = rows_of(read_corpus(InputConfig(path=str(tmp_path / "data"))))
+    assert [r["source"] for r in rows] == ["part-0.jsonl"]
+    assert (f"input.path: 2 file(s) under {tmp_path / 'data'} are not .json, .jsonl or .parquet and are not read: "
+            "README.md, more.csv") in caplog.text
+
+
 def test_a_generate_output_folder_reads_as_its_selected_pairs(ray_local, tmp_path):
     """Read whole, a generate output would add its snippets/ (the original pairs) to the selected ones."""
     run = tmp_path / "gen"
