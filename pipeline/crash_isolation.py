@@ -14,11 +14,11 @@ every engine it reaches, that alone would use up `compute.max_actor_restarts` an
   that has been in two crashes, the last one alone in its engine, is rejected ("engine crash") without
   another try.
 
-The ledger also counts the rows done and knows which actors have their engine up, for the driver's sake:
-its progress lines (pipeline/progress.py), and its exit: Ray retires a stage's actors in the background once
-its work is done, and a driver that ends first takes the local Ray instance down with them, before they have
-closed their engines (vLLM's engine core leaves its shared memory in /dev/shm then). So `job_ledger` waits,
-bounded, until every engine is closed.
+The ledger also counts the rows done (and those with their candidates written) and knows which actors have
+their engine up, for the driver's sake: its progress lines (pipeline/progress.py), and its exit: Ray retires
+a stage's actors in the background once its work is done, and a driver that ends first takes the local Ray
+instance down with them, before they have closed their engines (vLLM's engine core leaves its shared memory
+in /dev/shm then). So `job_ledger` waits, bounded, until every engine is closed.
 
 One poisonous snippet costs two actor restarts. The price of a crash that no snippet caused (a spot node
 taken back, the OOM killer) is that the snippets in flight run again one at a time, slower but with the

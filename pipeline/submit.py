@@ -59,7 +59,8 @@ def client(address: str | None) -> JobSubmissionClient:
 
 def submit(job: str, job_args: list[str], cfg: SubmitConfig, wait: bool = True,
            out: TextIO = sys.stdout) -> int:
-    """Submit, stream the logs until the job ends, return 0 if it SUCCEEDED (1 otherwise, 130 on Ctrl-C, 143 on SIGTERM)."""
+    """Submit, stream the logs until the job ends, return 0 if it SUCCEEDED (1 otherwise, 130 on Ctrl-C, 143 on
+    SIGTERM)."""
     jobs = client(cfg.address)
     command = entrypoint(job, job_args)
     t0 = time.perf_counter()
