@@ -103,10 +103,15 @@ def test_evaluate_with_evalplus_tests(tiny_model, ray_local, tmp_path, evalplus_
 def test_a_config_error_raised_in_an_engine_actor_is_reported_as_one(tmp_path):
     """A model path missing on the node of an engine actor (or an output folder it does not see) is found where
     the actor starts, and Ray hands the driver only the text of its error: the command still ends with the
-    message and exit code 2 of a config error, not a traceback. In its own process: it stops its Ray instance."""
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", "--model", str(tmp_path / "missing"),
-                          "--engine", "transformers", "--limit", "1", "--output", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    message and exit code 2 of a config error, not a traceback. In its own process: it stops its Ray instance.
+    The driver is made to pass the path on, as a cluster's driver does with a path only its nodes may have (on
+    its own instance it refuses a missing one itself: test_ray_setup)."""
+    args = ["evaluate", "--model", str(tmp_path / "missing"), "--engine", "transformers", "--limit", "1",
+            "--output", str(tmp_path / "out")]
+    as_on_a_cluster = ("import sys; import pipeline.ray_setup as r; r.check_model_here = lambda path, only_node: None; "
+                       f"from pipeline.cli import main; sys.exit(main({args!r}))")
+    run = subprocess.run([sys.executable, "-c", as_on_a_cluster], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.rstrip().splitlines()[-1] == (
         f"error: model.path: {tmp_path / 'missing'} does not exist on {socket.gethostname()} (in an engine actor)")
