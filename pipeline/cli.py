@@ -204,9 +204,9 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the shell's code, not a traceback from where Ray waited
-        terminated = isinstance(stop, Terminated)
-        print("terminated" if terminated else "interrupted", file=sys.stderr)
-        return 143 if terminated else 130
+        word, code = stopped(stop)
+        print(word, file=sys.stderr)
+        return code
     except Exception as err:  # noqa: BLE001 - only an actor's start errors are handled; the rest is re-raised
         refused = actor_start_error(err)
         if refused is None:
@@ -224,6 +224,14 @@ class Terminated(KeyboardInterrupt):
     dump and exited with code 15, saying nothing of why."""
 
 
+def stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """What a stopped command says, and the shell's exit code for it: Ctrl-C 130, SIGTERM 143."""
+    return ("terminated", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+
+
+_STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # -> Python's default
+
+
 def _stop(signum: int, frame: Any) -> None:
     """The first Ctrl-C (or SIGTERM) stops the command; later ones are ignored: users press it twice, and a second
     one broke what the first set going halfway (Ray's shutdown at exit: a traceback, and the local instance's
@@ -231,9 +239,6 @@ def _stop(signum: int, frame: Any) -> None:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-
-
-_STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # -> Python's default
 
 
 @contextlib.contextmanager

@@ -23,9 +23,6 @@ RAY_JOBS = Path(__file__).resolve().parent.parent / "ray_jobs"
 JOBS = sorted(p.stem for p in RAY_JOBS.glob("*.py") if p.stem != "__init__")
 """One thin entrypoint per job: `python -m ray_jobs.<job>` (generate, train, evaluate, loop)."""
 
-INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
-TERMINATED = 143  # and by SIGTERM
-
 
 def entrypoint(job: str, job_args: list[str]) -> str:
     if job not in JOBS:
@@ -73,12 +70,12 @@ def submit(job: str, job_args: list[str], cfg: SubmitConfig, wait: bool = True,
     try:
         status = follow_logs(jobs, job_id, out)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (pipeline.cli.Terminated): the job stops too
-        from pipeline.cli import Terminated
+        from pipeline.cli import stopped
 
-        terminated = isinstance(stop, Terminated)
-        _note(f"{'terminated' if terminated else 'interrupted'}: stopping {job_id}")
+        word, code = stopped(stop)
+        _note(f"{word}: stopping {job_id}")
         jobs.stop_job(job_id)
-        return TERMINATED if terminated else INTERRUPTED
+        return code
     info = jobs.get_job_info(job_id)
     _note(f"{job_id} {status.value} after {time.perf_counter() - t0:.1f}s" +
           (f": {info.message}" if status != JobStatus.SUCCEEDED and info.message else ""))
