@@ -251,7 +251,12 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
               progress_lines(ledger, "inverse", "snippets", total, len(done), c.progress_every_s)):
             # Blocks of one batch each: every finished batch is written as its own file at once, which is
             # the unit of resume (otherwise a whole input block's results wait in memory until it is done).
-            todo = todo.repartition(target_num_rows_per_block=c.batch_size)
+            # Cut before the engines start: streamed, the cut is one task that holds a CPU until it has cut
+            # the whole input, and on a small machine (the engine actor on one CPU, it on the other) the
+            # 1-CPU writes waited for it: no batch of an 80K-snippet run was written in its first 2 minutes,
+            # and a run stopped then lost them all. Cut first, it takes 28 s there, and the blocks are as
+            # many as the cut would have queued anyway.
+            todo = todo.repartition(target_num_rows_per_block=c.batch_size).materialize()
             marker = "_stages/inverse.started.json"
             seen_by = (out.sub(marker), out.read_json(marker)["token"])  # checked by each actor, on its node
             todo.map_batches(

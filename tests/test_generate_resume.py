@@ -56,6 +56,42 @@ def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
         assert read(cut / folder, keys) == read(full / folder, keys), folder
 
 
+def test_a_large_input_writes_its_first_batches_at_once(tiny_model, corpus, tmp_path):
+    """Each finished batch is a file at once: that is what a stopped run keeps. With ~7,000 snippets in
+    batches of one, the input was cut into batches by one streamed task that held a CPU until it was done,
+    and the 1-CPU writes waited for it (this machine has 2: the engine actor holds the other): minutes
+    with snippets done and nothing written, all of it lost to a stop."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    with open(folder / "large.jsonl", "w") as f:
+        for variant in range(6):  # the bundled corpus six times, each copy's code made distinct
+            for row in corpus:
+                output = re.sub(r"(```[^\n]*\n)", rf"\g<1># variant {variant}\n", row["output"], count=1)
+                f.write(json.dumps({"instruction": row["instruction"], "output": output}) + "\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("RAY_ADDRESS", None)
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(_cli(tiny_model, folder, out), env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        done = 0
+        deadline = time.monotonic() + 400
+        while done < 16 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            found = re.findall(r"inverse: ([\d,]+) of ([\d,]+) snippets", log.read_text())
+            done = int(found[-1][0].replace(",", "")) if found else 0
+        assert done >= 16, log.read_text()[-3000:]
+        assert int(found[-1][1].replace(",", "")) > 6000  # the cut is long: many batches
+        wait = time.monotonic() + 20  # a file is written a moment after its batch is done
+        while not list((out / "_work" / "scored").glob("*.parquet")) and time.monotonic() < wait:
+            time.sleep(0.5)
+        assert list((out / "_work" / "scored").glob("*.parquet")), f"{done} snippets done, none written"
+        assert len(read(out / "_work" / "scored", ["id"])) >= 1
+    finally:
+        kill_session(proc)
+
+
 def test_another_model_at_the_same_path_is_not_mixed_into_a_run(ray_local, tiny_model, corpus_folder, tmp_path):
     """A model trained again into the folder a run used: the same command does not hand back (or resume
     with) the old model's scores; --overwrite redoes them. Before, the finished run was returned as is."""
