@@ -33,7 +33,7 @@ from pipeline.config import ConfigError, GenerateConfig, config_changes, fingerp
 from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
-from pipeline.io import OutputDir, check_output_seen_everywhere, input_version, read_corpus
+from pipeline.io import OutputDir, check_output_seen_everywhere, input_version, read_corpus, read_parquet
 from pipeline.models import model_version, stamps_differ
 from pipeline.progress import progress_lines
 from pipeline.ray_setup import actor_pool, check_engine_actors, start_ray
@@ -208,9 +208,9 @@ def _keep_unchanged_scores(out: OutputDir) -> int:
     if not old:
         return 0
     # Materialized: `_columns` counts the rows, then reads them (a lazy dataset would hash every snippet twice).
-    snippets = _keyed(ray.data.read_parquet(out.sub("snippets"), columns=["id", "code", "lang"])).materialize()
+    snippets = _keyed(read_parquet(out.sub("snippets"), columns=["id", "code", "lang"])).materialize()
     wanted = set(_columns(snippets, ["key"])["key"])
-    scored = _keyed(ray.data.read_parquet(old, filesystem=out.fs, schema=SCORED_SCHEMA)).materialize()
+    scored = _keyed(read_parquet(old, filesystem=out.fs, schema=SCORED_SCHEMA)).materialize()
     have = _columns(scored, ["id", "key"])
     keep = have["key"].isin(wanted)
     dropped = int((~keep).sum())
@@ -241,7 +241,7 @@ def _keyed(snippets: ray.data.Dataset) -> ray.data.Dataset:
 
 def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     done = out.read_ids("_work/scored")
-    snippets = ray.data.read_parquet(out.sub("snippets"), columns=["id", "source", "source_index", "code", "lang"])
+    snippets = read_parquet(out.sub("snippets"), columns=["id", "source", "source_index", "code", "lang"])
     total = snippets.count()
     todo = snippets.filter(expr=col("id").not_in(sorted(done))) if done else snippets
     c = cfg.compute
@@ -289,7 +289,7 @@ def _explode_candidates(batch: pa.Table) -> pa.Table:
 
 def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     # Read once: candidates/ and the decisions both come from it (one row per snippet, small).
-    scored = ray.data.read_parquet(out.sub("_work/scored"), schema=SCORED_SCHEMA).materialize()
+    scored = read_parquet(out.sub("_work/scored"), schema=SCORED_SCHEMA).materialize()
     extra = int(_columns(scored, ["id"])["id"].duplicated().sum())  # from memory: no second listing of the folder
     if extra:  # two runs wrote this --output at once (a job submitted twice): same config, same seeds
         log.warning("select: %d snippets were scored more than once (another run wrote to %s at the same time?); "
@@ -301,7 +301,7 @@ def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     ).materialize()
     _write(decided.filter(expr=col("reason").is_null()).select_columns(SELECTED_COLUMNS),
            out, "selected", _schema(SELECTED_COLUMNS))
-    rejected = ray.data.read_parquet(out.sub("_work/rejected_preprocess")).union(
+    rejected = read_parquet(out.sub("_work/rejected_preprocess")).union(
         decided.filter(expr=col("reason").is_not_null()).select_columns(REJECTED_COLUMNS)).materialize()
     _write(rejected, out, "rejected", _schema(REJECTED_COLUMNS))
 
@@ -310,7 +310,7 @@ def _select(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
     reasons = _columns(rejected, ["stage", "reason"])
     by_reason = (reasons["stage"] + "/" + reasons["reason"]).value_counts().sort_index()
     return {
-        "candidates": ray.data.read_parquet(out.sub("candidates"), columns=["k"]).count(),
+        "candidates": read_parquet(out.sub("candidates"), columns=["k"]).count(),
         "selected": int(stats["reason"].isna().sum()),
         "rejected": len(reasons),
         "rejected_by_stage_and_reason": {key: int(n) for key, n in by_reason.items()},

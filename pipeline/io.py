@@ -271,6 +271,26 @@ def _relative(root: str, file_path: str) -> str:
     return Path(file_path).name if rel == "." else rel
 
 
+def read_parquet(paths: str | list[str], **kwargs: Any) -> ray.data.Dataset:
+    """`ray.data.read_parquet` through Ray Data's V1 Parquet reader, for the folders a run writes itself.
+
+    A run's `_work/scored/` holds one small file per batch: 10,175 files for 81K snippets in batches of 8.
+    The V2 reader (the default since Ray 2.60) starts one thread per file in each read task; there it ran
+    two tasks of ~4,000 threads each, still reading after 10 minutes on 2 cores, and packed 1,272 files
+    (batches of 64) into 2 blocks in 29 s. V1 reads them in 23 s and 7 s, as 200 blocks. Set for this call
+    only: the flag is read where the read is planned.
+    """
+    context = ray.data.DataContext.get_current()
+    before = getattr(context, "use_datasource_v2", None)  # absent where V1 is the only reader
+    if before is None:
+        return ray.data.read_parquet(paths, **kwargs)
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(paths, **kwargs)
+    finally:
+        context.use_datasource_v2 = before
+
+
 # ---------------------------------------------------------------- output folder
 
 
