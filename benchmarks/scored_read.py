@@ -6,7 +6,8 @@ The `inverse` stage writes one file per batch (the unit of resume), so a paper-s
 small files, which `select` reads back as one dataset. Writes `--snippets` synthetic scored rows (K = 10
 instructions of ~200 characters, ~600 characters of code each) as files of one batch each, then reads them
 with each reader in a fresh process on a 2-CPU local Ray instance (a read still running after `--timeout-s`
-is stopped, its Ray instance shut down, and reported with `read_s` empty). Prints one JSON line per (batch size, reader), then a table.
+is stopped, its Ray instance shut down, and reported with `read_s` empty). Prints one JSON line per
+(batch size, reader), then a table.
 """
 
 from __future__ import annotations
