@@ -119,6 +119,17 @@ def test_flags_override_yaml(tmp_path):
     assert cfg.compute.batch_size == 16 and cfg.output == "x"
 
 
+def test_a_config_file_that_cannot_be_read_is_a_one_line_error(tmp_path):
+    """A mistyped --config printed Python's `[Errno 2] No such file or directory: '...'`; a file in another
+    encoding (a Windows editor's Latin-1) ended the command with a UnicodeDecodeError traceback."""
+    (tmp_path / "latin1.yaml").write_bytes("summarize:\n  # caf\xe9\n  num_candidates: 4\n".encode("latin-1"))
+    for name, message in (("missing.yaml", "No such file or directory"), (".", "Is a directory"),
+                          ("latin1.yaml", "not UTF-8 text (invalid continuation byte at byte 18)")):
+        with pytest.raises(ConfigError) as err:
+            load_config(tmp_path / name)
+        assert str(err.value) == f"config file {tmp_path / name}: {message}"
+
+
 def test_bundled_configs_validate():
     from pipeline.config import WORKFLOWS
 

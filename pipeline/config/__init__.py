@@ -71,7 +71,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     `schema` is the workflow's top-level config class (GenerateConfig, or another workflow's)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:  # missing, a folder, no permission: one line, not Python's errno wording
+            raise ConfigError(f"config file {path}: {err.strerror or err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         try:
             raw = parse_yaml(text) or {}
         except yaml.YAMLError as err:
