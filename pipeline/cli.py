@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
 from pipeline.config import (ConfigError, EvaluateConfig, GenerateConfig, LoopConfig, SubmitConfig, TrainConfig,
                              load_config, parse_yaml)
 from pipeline.manifest import versions
@@ -172,9 +174,14 @@ def config_from_args(args: argparse.Namespace, schema: type = GenerateConfig,
     overrides: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
-        overrides[key.strip()] = parse_yaml(value)
+        try:
+            overrides[key.strip()] = parse_yaml(value)
+        except yaml.YAMLError as err:  # `[1`, `@x`: one line, not the parser's traceback
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({problem}); quote a string that "
+                              f"starts with [, {{, @ or `: --set '{key.strip()}=\"...\"'") from None
     for flag, key in flags.items():
         value = getattr(args, flag, None)
         if value is not None:

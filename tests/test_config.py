@@ -130,6 +130,24 @@ def test_a_config_file_that_cannot_be_read_is_a_one_line_error(tmp_path):
         assert str(err.value) == f"config file {tmp_path / name}: {message}"
 
 
+def test_a_set_that_is_not_key_equals_yaml_is_a_one_line_error():
+    """`--set 'judge.yes_words=[Yes'` ended the command with PyYAML's parser traceback (exit 1), and `--set =3`
+    was reported as an unknown key named ``."""
+    cases = {"summarize.num_candidates": "--set summarize.num_candidates: expected KEY=VALUE",
+             "=3": "--set =3: expected KEY=VALUE",
+             "judge.yes_words=[Yes": "--set judge.yes_words=[Yes: the value is not valid YAML (expected ',' or ']', "
+                                     "but got '<stream end>'); quote a string",
+             "output=@run": "--set output=@run: the value is not valid YAML (found character '@' that cannot "
+                            "start any token); quote a string that starts with [, {, @ or `: --set 'output=\"...\"'"}
+    for item, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            config_from_args(build_parser().parse_args(["generate", "--set", item]))
+        assert str(err.value).startswith(message), str(err.value)
+    args = build_parser().parse_args(["generate", "--set", 'output="@run"', "--set", "input.path=data/[2024]/x.jsonl"])
+    cfg = config_from_args(args)
+    assert (cfg.output, cfg.input.path) == ("@run", "data/[2024]/x.jsonl")
+
+
 def test_bundled_configs_validate():
     from pipeline.config import WORKFLOWS
 
