@@ -276,7 +276,7 @@ def read_parquet(paths: str | list[str], **kwargs: Any) -> ray.data.Dataset:
     """`ray.data.read_parquet` through Ray Data's V1 Parquet reader, for the folders a run writes itself.
 
     A run's `_work/scored/` holds one small file per batch: 10,175 files for 81K snippets in batches of 8.
-    The V2 reader (the default since Ray 2.60) starts one thread per file in each read task; there it ran
+    The V2 reader (Ray 2.60's default) starts one thread per file in each read task; there it ran
     two tasks of ~4,000 threads each, still reading after 10 minutes on 2 cores, and packed 1,272 files
     (batches of 64) into 2 blocks in 29 s. V1 reads them in 23 s and 7 s, as 200 blocks. Set for this call
     only: the flag is read where the read is planned.
