@@ -124,14 +124,20 @@ def _cli(tiny_model: str, folder: Path, output: Path) -> list[str]:
     return args
 
 
+def _cli_env() -> dict[str, str]:
+    """The env of a command started as a user would: this checkout importable, its own local Ray instance."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c twice", "sigterm"])
 def test_a_stopped_run_stops_cleanly(stop, tiny_model, corpus_folder, tmp_path):
     """Users press Ctrl-C twice. The second one broke Ray's shutdown at exit halfway: a KeyboardInterrupt
     traceback after `interrupted`, and the local instance's dashboard and runtime-env agents left running.
     SIGTERM (`timeout`, a scheduler's cancel, `ray job stop`) to the command alone ended it with Ray's C++ stack
     dump ("*** SIGTERM received ...") and exit code 15; now as Ctrl-C does, with the shell's 143."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("RAY_ADDRESS", None)
+    env = _cli_env()
     proc = subprocess.Popen(_cli(tiny_model, corpus_folder, tmp_path / "run"), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             # as in a terminal (a shell's background job, CI's, inherits an ignored SIGINT)
@@ -168,8 +174,7 @@ def test_no_vllm_engine_outlives_the_ray_instance_it_ran_in(tiny_model, corpus_f
     import psutil
 
     pytest.importorskip("vllm")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("RAY_ADDRESS", None)
+    env = _cli_env()
     args = _cli(tiny_model, corpus_folder, tmp_path / "run") + [
         "--set", "model.engine=vllm", "--set", "model.cpu_memory_utilization=0.15"]
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,

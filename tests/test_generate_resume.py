@@ -7,7 +7,6 @@ scores in one folder, and writes what one uninterrupted run of the final config 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -18,14 +17,13 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.generate import generate
 from tests.process_tools import kill_session
-from tests.test_generate import _cli, read, tiny_overrides
+from tests.test_generate import _cli, _cli_env, read, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def test_resume_after_the_driver_is_killed(tiny_model, corpus_folder, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("RAY_ADDRESS", None)
+    env = _cli_env()
 
     # Reference: an uninterrupted run.
     full = tmp_path / "full"
@@ -68,8 +66,7 @@ def test_a_large_input_writes_its_first_batches_at_once(tiny_model, corpus, tmp_
             for row in corpus:
                 output = re.sub(r"(```[^\n]*\n)", rf"\g<1># variant {variant}\n", row["output"], count=1)
                 f.write(json.dumps({"instruction": row["instruction"], "output": output}) + "\n")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("RAY_ADDRESS", None)
+    env = _cli_env()
     out, log = tmp_path / "run", tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(_cli(tiny_model, folder, out), env=env, start_new_session=True,
