@@ -254,7 +254,7 @@ def _inverse(cfg: GenerateConfig, out: OutputDir) -> dict[str, Any]:
             # Cut before the engines start: streamed, the cut is one task that holds a CPU until it has cut
             # the whole input, and on a small machine (the engine actor on one CPU, it on the other) the
             # 1-CPU writes waited for it: no batch of an 80K-snippet run was written in its first 2 minutes,
-            # and a run stopped then lost them all. Cut first, it takes 28 s there, and the blocks are as
+            # and a run stopped then lost them all. Cut first, it takes about 30 s there, and the blocks are as
             # many as the cut would have queued anyway.
             todo = todo.repartition(target_num_rows_per_block=c.batch_size).materialize()
             marker = "_stages/inverse.started.json"
