@@ -317,6 +317,8 @@ def test_fsdp2_trains_the_same_steps_as_ddp(ray_local, tiny_model, generated, tm
         state = json.loads(sorted((out / "checkpoints").glob("step_*_final_*/state.json"))[-1].read_text())
         histories[strategy] = state["history"]
         assert (out / "checkpoints" / "step_000002" / "model.pt").exists()  # the mid-run checkpoint
+        # Step 4 is a multiple of every_steps and the last: written once, as the final checkpoint.
+        assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000002", "step_000004_final_1"]
         weights[strategy] = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
     ddp, fsdp = histories["ddp"], histories["fsdp2"]
     assert [h["data"] for h in fsdp] == [h["data"] for h in ddp]  # the same rows, step by step

@@ -157,7 +157,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 log.info(f"[train] step {state.step}/{total} phase {state.phase} loss {loss:.4f} "
                          f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} MFU {'null' if mfu is None else f'{mfu:.3f}'} "
                          f"eta {duration(per_step * (total - state.step))} data {entry['data']}")
-            if state.step % c.checkpoint_every == 0:
+            # Not at the last step: the final checkpoint below is written right after it, and a second copy
+            # of the same state costs a full write (a 7B model's optimizer state is ~80 GB) and pushes an
+            # older checkpoint out of `num_to_keep`.
+            if state.step % c.checkpoint_every == 0 and state.step < total:
                 save_checkpoint(c, model, optimizer, scheduler, state, rank)
         if state.step >= total:
             state.done = True
