@@ -33,7 +33,8 @@ from pipeline.config import ConfigError, GenerateConfig, config_changes, fingerp
 from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
-from pipeline.io import OutputDir, check_output_seen_everywhere, input_version, read_corpus, read_parquet
+from pipeline.io import (OutputDir, check_input, check_output_seen_everywhere, folder_holds, input_version,
+                         read_corpus, read_parquet)
 from pipeline.models import model_version, stamps_differ
 from pipeline.progress import progress_lines
 from pipeline.ray_setup import actor_pool, check_engine_actors, start_ray
@@ -68,6 +69,8 @@ def generate(cfg: GenerateConfig, overwrite: bool = False, verbose: bool = False
     """Run (or resume) the whole job; returns the manifest that it also writes to `output/manifest.json`."""
     start_ray(cfg.compute.ray_address, verbose)
     check_engine_actors(cfg)  # (and the model) before the output folder is made
+    if not folder_holds(cfg.output, "_stages/preprocess.json"):  # preprocess will read the input: so is it
+        check_input(cfg.input)
     out = OutputDir(cfg.output)
     sections, prints = stage_configs(cfg), fingerprint(cfg)
     model, inputs = model_version(cfg.model.path), input_version(cfg.input)

@@ -70,20 +70,39 @@ def input_version(cfg: InputConfig) -> str | None:
     changed since a run read them: a file added to the input folder, one replaced. None where it is not
     checked (a hub dataset) or cannot be listed (reading it says why)."""
     try:
-        path = _corpus_path(cfg, "input.path", quiet=True)
-        if cfg.format == "hf" or (cfg.format == "auto" and _is_hf_dataset(path)):
-            if not Path(path).is_dir():
-                return None
-            fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
-            files = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                     if i.type == pafs.FileType.File]
-        else:
-            fs, root = pafs.FileSystem.from_uri(as_uri(path))
-            files = [info for info, _ in _list_files(fs, root, cfg.format, "input.path", quiet=True)]
+        listed = _input_files(cfg, "input.path")
     except (ConfigError, OSError, ValueError):
         return None
+    if listed is None:
+        return None
+    root, files = listed
     listing = sorted((_relative(root, i.path), i.size, i.mtime_ns) for i in files)
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def check_input(cfg: InputConfig, path_key: str = "input.path") -> None:
+    """Refuse, before a job writes anything, an input that cannot be read: a path that does not exist, a
+    folder without corpus files, an unfinished generate output (ConfigError naming `path_key`). A hub
+    dataset, or a store that cannot be listed now, is left to the reader."""
+    try:
+        _input_files(cfg, path_key)
+    except ConfigError:
+        raise
+    except (OSError, ValueError):
+        pass
+
+
+def _input_files(cfg: InputConfig, path_key: str) -> tuple[str, list[pafs.FileInfo]] | None:
+    """The folder and files `cfg` reads (a saved HF dataset: all of its files); None for a hub dataset."""
+    path = _corpus_path(cfg, path_key, quiet=True)
+    if cfg.format == "hf" or (cfg.format == "auto" and _is_hf_dataset(path)):
+        if not Path(path).is_dir():
+            return None
+        fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
+        return root, [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                      if i.type == pafs.FileType.File]
+    fs, root = pafs.FileSystem.from_uri(as_uri(path))
+    return root, [info for info, _ in _list_files(fs, root, cfg.format, path_key, quiet=True)]
 
 
 def _corpus_path(cfg: InputConfig, path_key: str, quiet: bool = False) -> str:
@@ -252,6 +271,16 @@ def check_output_seen_everywhere(output: str, marker: str, token: str) -> None:
             continue
         if problem:
             raise ConfigError(problem)
+
+
+def folder_holds(uri: str, name: str) -> bool:
+    """Whether folder `uri` (local or `s3://...`) holds `name`, without making the folder as `OutputDir` does;
+    False where it cannot be looked into."""
+    try:
+        fs, root = pafs.FileSystem.from_uri(as_uri(uri))
+        return fs.get_file_info(f"{root.rstrip('/')}/{name}").type != pafs.FileType.NotFound
+    except (OSError, ValueError):
+        return False
 
 
 def as_uri(path: str) -> str:

@@ -297,6 +297,7 @@ def test_input_of_only_bad_rows_still_writes_every_table(ray_local, tiny_model, 
     # output folder then runs (nothing was scored yet, so there is nothing for --overwrite to protect).
     with pytest.raises(ConfigError, match=r"input.path: .*/bda does not exist"):
         generate(load_config(overrides=tiny_overrides(tiny_model, tmp_path / "bda", out)))
+    assert not out.exists()  # refused before the output folder is made
     manifest = generate(load_config(overrides=tiny_overrides(tiny_model, folder, out)))
     assert manifest["counts"]["input"] == 3 == manifest["counts"]["rejected"]
     assert manifest["counts"]["selected"] == manifest["counts"]["snippets"] == manifest["counts"]["candidates"] == 0

@@ -375,6 +375,22 @@ def test_a_run_with_no_step_to_take_is_refused(ray_local, tiny_model, generated,
     assert not (tmp_path / "out" / "model").exists()
 
 
+def test_a_mistyped_data_path_is_refused_before_any_data_is_read(tiny_model, generated, tmp_path):
+    """A missing original corpus was found only when its pass was read, after the generated pairs had been
+    read and tokenized (94 s for 78,660 pairs on 2 cores), and the output folder was left behind."""
+    from pipeline.config import ConfigError, TrainConfig, load_config
+    from pipeline.train.trainer import train
+
+    out = tmp_path / "out"
+    for overrides, error in (({"data.original.path": str(tmp_path / "orig.jsonl")}, "data.original.path: .*/orig.jsonl"),
+                             ({"data.generated": str(tmp_path / "gen")}, "data.generated: .*/gen")):
+        cfg = load_config(CPU_CONFIG, {"model.path": tiny_model, "data.generated": str(generated), "output": str(out),
+                                       **overrides}, schema=TrainConfig)
+        with pytest.raises(ConfigError, match=f"{error} does not exist"):
+            train(cfg)
+        assert not out.exists()
+
+
 def test_an_original_corpus_of_other_field_names_is_refused_naming_the_keys():
     """An OSS-Instruct corpus (`problem` / `solution`) read with the default field names lost every row as
     `missing field`, with a warning, and the run went on training on the generated pairs alone."""

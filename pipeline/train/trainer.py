@@ -34,7 +34,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, config_changes, to_dict
 from pipeline.config.generate import inside
-from pipeline.io import OutputDir, generate_version, input_version, read_corpus
+from pipeline.io import OutputDir, check_input, folder_holds, generate_version, input_version, read_corpus
 from pipeline.models import cap_at_context, check_model_here, model_version, resolve_model_path, stamps_differ
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import PEFT_MISSING, LoopConfig, train_loop
@@ -50,6 +50,10 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     from pipeline.ray_setup import check_fits, check_installed, start_ray
 
     check_model_here(cfg.model.path)
+    phases = plan_phases(cfg)
+    if not folder_holds(cfg.output, "report.md"):  # not a finished run: every source is read (and tokenized)
+        for name in sorted({s for p in phases for s in p}):  # so a mistyped path is refused now, not minutes later
+            check_input(source_input(cfg, name), source_path_key(name))
     out = OutputDir(cfg.output)
     claim_output(out, cfg, overwrite)
     finished = None if overwrite else finished_run(out)
@@ -68,7 +72,6 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     prompt_format = resolve_prompt_format(tokenizer, cfg.model.prompt_format)
     max_length = cap_at_context(cfg.data.max_length, "data.max_length", AutoConfig.from_pretrained(
         model_path, trust_remote_code=cfg.model.trust_remote_code))
-    phases = plan_phases(cfg)
     log.info("train: %d passes over the data: %s", len(phases), [" + ".join(p) for p in phases])
 
     data: dict[str, ray.data.Dataset] = {}
@@ -238,12 +241,16 @@ def source_input(cfg: TrainConfig, name: str) -> InputConfig:
     return cfg.data.original_input()
 
 
+def source_path_key(name: str) -> str:
+    """The config key a source's path comes from, for the messages about it."""
+    return "data.original.path" if name == "original" else "data.generated"
+
+
 def prepare_source(cfg: TrainConfig, name: str, prompt_format: str,
                    max_length: int) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """Read -> tokenize -> pack (sequences of up to `max_length` tokens), in Ray Data, materialized once and
     reused by every pass over it."""
-    path_key = "data.original.path" if name == "original" else "data.generated"
-    tokenized = read_corpus(source_input(cfg, name), path_key=path_key).map_batches(
+    tokenized = read_corpus(source_input(cfg, name), path_key=source_path_key(name)).map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=256,
         fn_kwargs={"model_path": cfg.model.path, "prompt_format": prompt_format, "max_length": max_length,
                    "trust_remote_code": cfg.model.trust_remote_code}).materialize()
