@@ -337,9 +337,16 @@ def run_train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     t = m["throughput"]
     print(f"done in {time.perf_counter() - t0:.0f}s: {m['steps']} steps over {' -> '.join(m['phases'])}; "
           f"loss {_number(m['loss']['first'], '.4f')} -> {_number(m['loss']['last'], '.4f')}; tokens/s "
-          f"{_number(t['tokens_per_s'], ',.0f')}; MFU {_number(t['mfu'], '.3f')}\n"
+          f"{_number(t['tokens_per_s'], ',.0f')}{_waiting(t)}; MFU {_number(t['mfu'], '.3f')}\n"
           f"model: {m['outputs']['model']}; report: {m['outputs']['report']}")
     return 0
+
+
+def _waiting(throughput: dict[str, Any]) -> str:
+    from pipeline.train.report import data_wait_share
+
+    share = data_wait_share(throughput)
+    return "" if share is None else f" ({share:.0%} of the steps' time waiting for data)"
 
 
 def run_evaluate(cfg: EvaluateConfig, args: argparse.Namespace) -> int:

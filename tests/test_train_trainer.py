@@ -173,9 +173,14 @@ def test_padded_mixed_run_writes_a_loadable_model_and_a_report(ray_local, tiny_m
     assert m["steps_per_phase"] == m["planned_steps"] and m["steps"] > 0
     gen = m["data"]["generated"]
     assert gen["rows"] == 41 and gen["dropped"] == sum(n for s, n in gen["by_status"].items() if s not in KEPT) > 0
-    assert m["throughput"]["tokens_per_s"] > 0
-    assert m["throughput"]["mfu"] is None  # CPU, no configured peak
+    t = m["throughput"]
+    # Throughput over the steps' time, waiting for data included (the first step of each pass waits for its
+    # shuffle): not over the forward/backward time alone, which showed a data-bound run as a fast one.
+    assert 0 < t["data_wait_seconds"] < t["train_seconds"]
+    assert t["tokens_per_s"] == pytest.approx(t["tokens"] / t["train_seconds"], rel=0.01)
+    assert t["mfu"] is None  # CPU, no configured peak
     report = (tmp_path / "report.md").read_text()
+    assert f"| of which waiting for data | {t['data_wait_seconds']} s (" in report
     assert "tokens/s" in report and (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert f"- data: generated `{generated}`, original `embedded`" in report
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")

@@ -84,7 +84,8 @@ class TrainState:
     phase_step: int = 0
     tokens: int = 0  # input tokens (not padding) through forward+backward, all workers
     label_tokens: int = 0
-    seconds: float = 0.0  # time in training steps (not checkpoint saves)
+    seconds: float = 0.0  # time in training steps: forward, backward, optimizer (not checkpoint saves)
+    data_seconds: float = 0.0  # time waiting for each step's batches (Ray Data: shuffle, split, transfer)
     history: list[dict[str, Any]] = field(default_factory=list)
     sessions: list[dict[str, Any]] = field(default_factory=list)  # one per (re)start: where it began
     done: bool = False
@@ -138,30 +139,35 @@ def train_loop(config: dict[str, Any]) -> None:
         batches = iter(shard.iter_torch_batches(batch_size=c.micro_batch_size, collate_fn=collate))
         for _ in islice(batches, state.phase_step * c.accum):  # consumed before the checkpoint
             pass
+        waited_from = time.perf_counter()
         while state.step < total and (micro := list(islice(batches, c.accum))):
             t0 = time.perf_counter()
+            state.data_seconds += t0 - waited_from
             loss, grad_norm, tokens, label_tokens = train_step(c, model, optimizer, micro, device, world)
             scheduler.step()
             state.seconds += time.perf_counter() - t0
             state.step, state.phase_step = state.step + 1, state.phase_step + 1
             state.tokens += tokens
             state.label_tokens += label_tokens
-            tps = state.tokens / max(state.seconds, 1e-9)
+            # Throughput as the run gets it: a step's time includes waiting for its data (a data-bound run
+            # shows as such, and `data_seconds` says by how much), not checkpoint saves.
+            tps = state.tokens / max(state.seconds + state.data_seconds, 1e-9)
             mfu = 6 * n_params * tps / (peak * world) if peak else None
             entry = {"step": state.step, "phase": state.phase, "loss": loss, "grad_norm": grad_norm,
                      "lr": scheduler.get_last_lr()[0], "tokens": state.tokens, "seconds": round(state.seconds, 3),
-                     "tokens_per_s": round(tps, 1), "mfu": mfu, "data": batch_digest(micro)}
+                     "data_seconds": round(state.data_seconds, 3), "tokens_per_s": round(tps, 1), "mfu": mfu, "data": batch_digest(micro)}
             state.history.append(entry)
             if rank == 0:
                 per_step = (time.perf_counter() - session_start) / (state.step - session_first_step)
                 log.info(f"[train] step {state.step}/{total} phase {state.phase} loss {loss:.4f} "
-                         f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} MFU {'null' if mfu is None else f'{mfu:.3f}'} "
+                         f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} ({data_share(state):.0%} waiting for data) MFU {'null' if mfu is None else f'{mfu:.3f}'} "
                          f"eta {duration(per_step * (total - state.step))} data {entry['data']}")
             # Not at the last step: the final checkpoint below is written right after it, and a second copy
             # of the same state costs a full write (a 7B model's optimizer state is ~80 GB) and pushes an
             # older checkpoint out of `num_to_keep`.
             if state.step % c.checkpoint_every == 0 and state.step < total:
                 save_checkpoint(c, model, optimizer, scheduler, state, rank)
+            waited_from = time.perf_counter()
         if state.step >= total:
             state.done = True
         else:
@@ -170,6 +176,11 @@ def train_loop(config: dict[str, Any]) -> None:
     # Checkpoint first: merging LoRA adapters for the final model removes them from the training model.
     save_checkpoint(c, model, optimizer, scheduler, state, rank, final=True)
     save_final_model(c, model, rank)
+
+
+def data_share(state: TrainState) -> float:
+    """The share of the steps' time spent waiting for data."""
+    return state.data_seconds / max(state.seconds + state.data_seconds, 1e-9)
 
 
 def batch_digest(micro: list[dict[str, Any]]) -> str:

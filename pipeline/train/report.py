@@ -46,7 +46,8 @@ def render_markdown(m: dict[str, Any], history: list[dict[str, Any]], has_png: b
         "|---|---|",
         f"| trained tokens (input, all workers) | {t['tokens']:,} |",
         f"| response tokens (with loss) | {t['label_tokens']:,} |",
-        f"| training seconds (without checkpoint saves) | {t['train_seconds']} |",
+        f"| training seconds (steps, waiting for data included; without checkpoint saves) | {t['train_seconds']} |",
+        f"| of which waiting for data | {_wait(t)} |",
         f"| tokens/s | {t['tokens_per_s']} |",
         f"| MFU (6 × params × tokens/s ÷ peak) | {mfu} |",
         f"| loss first → last step | {_fmt(m['loss']['first'])} → {_fmt(m['loss']['last'])} |",
@@ -91,3 +92,15 @@ def loss_png(history: list[dict[str, Any]]) -> bytes | None:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+
+def data_wait_share(t: dict[str, Any]) -> float | None:
+    """The share of the steps' time spent waiting for data (None in a manifest from before it was measured)."""
+    wait, total = t.get("data_wait_seconds"), t.get("train_seconds")
+    return wait / total if wait is not None and total else None
+
+
+def _wait(t: dict[str, Any]) -> str:
+    share = data_wait_share(t)
+    return "n/a" if share is None else f"{t['data_wait_seconds']} s ({share:.0%})"

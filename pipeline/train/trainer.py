@@ -323,7 +323,7 @@ def _read_state(checkpoint: Any) -> dict[str, Any]:
 def build_manifest(cfg: TrainConfig, prompt_format: str, max_length: int, phases: list[tuple[str, ...]],
                    planned: list[int], counts: dict[str, Any], state: dict[str, Any], out: OutputDir) -> dict[str, Any]:
     history = state["history"]
-    seconds = state["seconds"]
+    seconds = state["seconds"] + state.get("data_seconds", 0.0)  # steps' time, waiting for data included
     return {
         "config": to_dict(cfg),
         "versions": manifest_lib.versions(),
@@ -337,7 +337,7 @@ def build_manifest(cfg: TrainConfig, prompt_format: str, max_length: int, phases
         "data": counts,
         "sources": {"generated": cfg.data.generated, "original": cfg.data.original_input().path},
         "throughput": {"tokens": state["tokens"], "label_tokens": state["label_tokens"],
-                       "train_seconds": round(seconds, 2),
+                       "train_seconds": round(seconds, 2), "data_wait_seconds": round(state.get("data_seconds", 0.0), 2),
                        "tokens_per_s": round(state["tokens"] / seconds, 1) if seconds else None,
                        "mfu": history[-1]["mfu"] if history else None},
         "loss": {"first": history[0]["loss"] if history else None, "last": history[-1]["loss"] if history else None},
