@@ -1,4 +1,4 @@
-"""Reading `_work/scored/` back: Ray Data's V1 Parquet reader (`pipeline.io.read_parquet`) against V2.
+"""Reading `_work/scored/` back: Ray Data's V1 Parquet reader (`pipeline.output.read_parquet`) against V2.
 
     .venv/bin/python -m benchmarks.scored_read [--snippets 81396] [--batch-sizes 8,64] [--timeout-s 300]
 
@@ -25,7 +25,7 @@ READ = """
 import os, sys, time, ray
 sys.path.insert(0, {root!r})
 from pipeline.inverse import SCORED_SCHEMA
-from pipeline.io import read_parquet
+from pipeline.output import read_parquet
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
 ray.data.DataContext.get_current().enable_progress_bars = False

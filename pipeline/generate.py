@@ -33,8 +33,8 @@ from pipeline.config import ConfigError, GenerateConfig, config_changes, fingerp
 from pipeline.crash_isolation import CrashLedger, job_ledger
 from pipeline.extract import Rejection, code_key, extract_code
 from pipeline.inverse import SCORED_SCHEMA, InverseInstruct
-from pipeline.io import (OutputDir, check_input, check_output_seen_everywhere, folder_holds, input_version,
-                         read_corpus, read_parquet)
+from pipeline.io import check_input, input_version, read_corpus
+from pipeline.output import OutputDir, check_output_seen_everywhere, folder_holds, read_parquet
 from pipeline.models import model_version, stamps_differ
 from pipeline.progress import progress_lines
 from pipeline.ray_setup import actor_pool, check_engine_actors, start_ray

@@ -26,7 +26,7 @@ from pipeline.config import ConfigError, GenerateConfig
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation
 from pipeline.engines import (Engine, EngineDead, SamplingSpec, close_owned_engine, context_limit_text,
                               create_engine, each_or_alone, restart_actor_if_engine_dead, yes_probability)
-from pipeline.io import check_output_seen_here
+from pipeline.output import check_output_seen_here
 from pipeline.models import resolve_model_path
 from pipeline.prompts import PromptBuilder, pick_prefix, single_token_ids
 

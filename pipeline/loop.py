@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.config import ConfigError, EvaluateConfig, LoopConfig, ModelConfig, to_dict
-from pipeline.io import OutputDir
+from pipeline.output import OutputDir
 from pipeline.models import check_model_here
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@
                     -> driver: samples.jsonl, results.jsonl, summary.json
 
 The two stages stream: programs run while later batches are still being generated. The output is small
-(one row per problem), so the driver collects it and writes the three files through pipeline/io.py's
+(one row per problem), so the driver collects it and writes the three files through pipeline/output.py's
 OutputDir (local or s3://).
 """
 
@@ -29,7 +29,7 @@ from pipeline.engines import (Engine, SamplingSpec, close_owned_engine, context_
 from pipeline.evaluate import benchmarks
 from pipeline.evaluate.plus import load_plus_problems
 from pipeline.evaluate.sandbox import Outcome, run_program
-from pipeline.io import OutputDir
+from pipeline.output import OutputDir
 from pipeline.manifest import versions
 from pipeline.models import resolve_model_path
 from pipeline.progress import progress_lines

@@ -9,7 +9,7 @@ import io
 import logging
 from typing import Any
 
-from pipeline.io import OutputDir
+from pipeline.output import OutputDir
 
 log = logging.getLogger("pipeline.train")
 

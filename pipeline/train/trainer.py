@@ -34,7 +34,8 @@ from ray.train.torch import TorchTrainer
 from pipeline import manifest as manifest_lib
 from pipeline.config import ConfigError, InputConfig, TrainComputeConfig, TrainConfig, config_changes, to_dict
 from pipeline.config.generate import inside
-from pipeline.io import OutputDir, check_input, folder_holds, generate_version, input_version, read_corpus
+from pipeline.io import check_input, generate_version, input_version, read_corpus
+from pipeline.output import OutputDir, folder_holds
 from pipeline.models import cap_at_context, check_model_here, model_version, resolve_model_path, stamps_differ
 from pipeline.train.data import KEPT, mix_schedule, pack_batch, resolve_prompt_format, tokenize_batch
 from pipeline.train.loop import PEFT_MISSING, LoopConfig, train_loop
