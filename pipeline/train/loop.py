@@ -151,16 +151,19 @@ def train_loop(config: dict[str, Any]) -> None:
             state.label_tokens += label_tokens
             # Throughput as the run gets it: a step's time includes waiting for its data (a data-bound run
             # shows as such, and `data_seconds` says by how much), not checkpoint saves.
-            tps = state.tokens / max(state.seconds + state.data_seconds, 1e-9)
+            busy = max(state.seconds + state.data_seconds, 1e-9)
+            tps = state.tokens / busy
             mfu = 6 * n_params * tps / (peak * world) if peak else None
             entry = {"step": state.step, "phase": state.phase, "loss": loss, "grad_norm": grad_norm,
                      "lr": scheduler.get_last_lr()[0], "tokens": state.tokens, "seconds": round(state.seconds, 3),
-                     "data_seconds": round(state.data_seconds, 3), "tokens_per_s": round(tps, 1), "mfu": mfu, "data": batch_digest(micro)}
+                     "data_seconds": round(state.data_seconds, 3), "tokens_per_s": round(tps, 1), "mfu": mfu,
+                     "data": batch_digest(micro)}
             state.history.append(entry)
             if rank == 0:
                 per_step = (time.perf_counter() - session_start) / (state.step - session_first_step)
                 log.info(f"[train] step {state.step}/{total} phase {state.phase} loss {loss:.4f} "
-                         f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} ({data_share(state):.0%} waiting for data) MFU {'null' if mfu is None else f'{mfu:.3f}'} "
+                         f"lr {entry['lr']:.2e} tokens/s {tps:,.0f} ({state.data_seconds / busy:.0%} waiting for data) "
+                         f"MFU {'null' if mfu is None else f'{mfu:.3f}'} "
                          f"eta {duration(per_step * (total - state.step))} data {entry['data']}")
             # Not at the last step: the final checkpoint below is written right after it, and a second copy
             # of the same state costs a full write (a 7B model's optimizer state is ~80 GB) and pushes an
@@ -176,11 +179,6 @@ def train_loop(config: dict[str, Any]) -> None:
     # Checkpoint first: merging LoRA adapters for the final model removes them from the training model.
     save_checkpoint(c, model, optimizer, scheduler, state, rank, final=True)
     save_final_model(c, model, rank)
-
-
-def data_share(state: TrainState) -> float:
-    """The share of the steps' time spent waiting for data."""
-    return state.data_seconds / max(state.seconds + state.data_seconds, 1e-9)
 
 
 def batch_digest(micro: list[dict[str, Any]]) -> str:

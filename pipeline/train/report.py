@@ -94,7 +94,6 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-
 def data_wait_share(t: dict[str, Any]) -> float | None:
     """The share of the steps' time spent waiting for data (None in a manifest from before it was measured)."""
     wait, total = t.get("data_wait_seconds"), t.get("train_seconds")
