@@ -21,7 +21,7 @@ def test_an_output_folder_resumes_only_its_own_config(tmp_path):
 
     out = OutputDir(str(tmp_path))
     typo = load_config(CPU_CONFIG, {"data.original": "/no/such/corpus.jsonl"}, schema=TrainConfig)
-    claim_output(out, typo, overwrite=False)  # that run fails reading its data, before any training
+    claim_output(out, typo, overwrite=False)  # a run that failed before any training (its data unreadable)
     cfg = load_config(CPU_CONFIG, schema=TrainConfig)
     claim_output(out, cfg, overwrite=False)  # so the corrected command takes the folder
     (tmp_path / RUN_NAME / "step_000005").mkdir(parents=True)
