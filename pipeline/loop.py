@@ -23,7 +23,8 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.config import ConfigError, EvaluateConfig, LoopConfig, ModelConfig, to_dict
-from pipeline.output import OutputDir
+from pipeline.io import check_input
+from pipeline.output import OutputDir, folder_holds
 from pipeline.models import check_model_here
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,13 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
         from pipeline.evaluate.plus import load_plus_problems
 
         load_plus_problems(replace(cfg.evaluate.benchmark, name=cfg.benchmarks[0]))
+    # A mistyped corpus path fails now: train reads its original corpus only once generate is done (hours on
+    # a cluster). Each is checked where its step will still read it (not a finished preprocess or training).
+    if not folder_holds(cfg.output, "generate/_stages/preprocess.json"):
+        check_input(cfg.generate.input, "generate.input.path")
+    if not folder_holds(cfg.output, "train/report.md"):
+        check_input(cfg.train_original(), "train.data.original.path" if cfg.train.data.original
+                    else "generate.input.path (train's original corpus)")
     out = OutputDir(cfg.output)
     seconds: dict[str, float] = {}
 

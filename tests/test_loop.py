@@ -60,6 +60,16 @@ def test_a_bad_evalplus_file_fails_before_generate(tmp_path):
     assert not (tmp_path / "loop").exists()
 
 
+def test_a_mistyped_corpus_path_fails_before_generate(tmp_path):
+    """train's original corpus was first read after the whole generate step: a typo there cost that step."""
+    for key in ("generate.input.path", "train.data.original.path"):
+        cfg = load_config(overrides={"output": str(tmp_path / "loop"), key: str(tmp_path / "typo.jsonl")},
+                          schema=LoopConfig)
+        with pytest.raises(ConfigError, match=f"^{key}: {tmp_path}/typo.jsonl does not exist$"):
+            run_loop(cfg)
+        assert not (tmp_path / "loop").exists()
+
+
 def test_an_evaluation_is_reused_only_for_its_config_and_the_tuned_model_only_if_newer_than_it():
     from pipeline.config import EvaluateConfig, to_dict
     from pipeline.loop import _still_valid
@@ -89,6 +99,7 @@ def test_train_reads_the_corpus_generate_read_unless_given_its_own(tiny_model, t
 
     monkeypatch.setattr(pipeline.generate, "generate", lambda cfg, **_: {"counts": {}})
     monkeypatch.setattr(pipeline.train.trainer, "train", fake_train)
+    (tmp_path / "oss.jsonl").write_text('{"problem": "Add two numbers.", "solution": "def add(a, b): return a + b"}\n')
     corpus = {"generate.input.path": str(tmp_path / "oss.jsonl"), "generate.input.instruction_field": "problem",
               "generate.input.response_fields": ["solution"], "generate.input.limit": 40,
               "train.model.path": str(tiny_model), "train.data.limit": 16, "output": str(tmp_path / "loop")}
