@@ -52,8 +52,9 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
 
     check_model_here(cfg.model.path)
     phases = plan_phases(cfg)
+    sources = sorted({s for p in phases for s in p})
     if not folder_holds(cfg.output, "report.md"):  # not a finished run: every source is read (and tokenized)
-        for name in sorted({s for p in phases for s in p}):  # so a mistyped path is refused now, not minutes later
+        for name in sources:  # so a mistyped path is refused now, not minutes later
             check_input(source_input(cfg, name), source_path_key(name))
     out = OutputDir(cfg.output)
     claim_output(out, cfg, overwrite)
@@ -78,7 +79,7 @@ def train(cfg: TrainConfig, verbose: bool = False, overwrite: bool = False) -> d
     data: dict[str, ray.data.Dataset] = {}
     counts: dict[str, dict[str, Any]] = {}
     with ordered_data():  # the datasets keep the setting; later jobs in this process do not inherit it
-        for name in sorted({s for p in phases for s in p}):
+        for name in sources:
             data[name], counts[name] = prepare_source(cfg, name, prompt_format, max_length)
             log.info("train: %s: %s", name, json.dumps(counts[name], sort_keys=True))
         world, micro = cfg.compute.num_workers, cfg.optim.micro_batch_size
@@ -324,7 +325,8 @@ def _read_state(checkpoint: Any) -> dict[str, Any]:
 def build_manifest(cfg: TrainConfig, prompt_format: str, max_length: int, phases: list[tuple[str, ...]],
                    planned: list[int], counts: dict[str, Any], state: dict[str, Any], out: OutputDir) -> dict[str, Any]:
     history = state["history"]
-    seconds = state["seconds"] + state.get("data_seconds", 0.0)  # steps' time, waiting for data included
+    waited = state["data_seconds"]  # the final checkpoint's TrainState (0 in one resumed from before it was kept)
+    seconds = state["seconds"] + waited  # the steps' time, waiting for data included
     return {
         "config": to_dict(cfg),
         "versions": manifest_lib.versions(),
@@ -338,7 +340,7 @@ def build_manifest(cfg: TrainConfig, prompt_format: str, max_length: int, phases
         "data": counts,
         "sources": {"generated": cfg.data.generated, "original": cfg.data.original_input().path},
         "throughput": {"tokens": state["tokens"], "label_tokens": state["label_tokens"],
-                       "train_seconds": round(seconds, 2), "data_wait_seconds": round(state.get("data_seconds", 0.0), 2),
+                       "train_seconds": round(seconds, 2), "data_wait_seconds": round(waited, 2),
                        "tokens_per_s": round(state["tokens"] / seconds, 1) if seconds else None,
                        "mfu": history[-1]["mfu"] if history else None},
         "loss": {"first": history[0]["loss"] if history else None, "last": history[-1]["loss"] if history else None},
