@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -106,3 +107,36 @@ def test_each_program_gets_a_fresh_working_directory_that_is_deleted(tmp_path: P
     assert first.passed and second.passed  # the second does not see the first one's file
     dirs = report.read_text().split()
     assert len(set(dirs)) == 2 and not any(Path(d).exists() for d in dirs)
+
+
+def test_a_c_library_without_unshare_is_a_refusal_not_a_crash(monkeypatch):
+    # macOS: libc has no unshare(); `auto` must fall back to the audit guard there, not fail every program.
+    from pipeline.evaluate import sandbox_child
+
+    class NoUnshare:  # what ctypes.CDLL(None) is on a system without the symbol: the lookup raises
+        def __getattr__(self, name: str):
+            raise AttributeError(f"dlsym(RTLD_DEFAULT, {name}): symbol not found")
+
+    monkeypatch.setattr(sandbox_child.ctypes, "CDLL", lambda *a, **k: NoUnshare())
+    assert sandbox_child.enter_namespaces() == f"no unshare() in the C library of {sys.platform}"
+
+
+def test_a_limit_the_system_refuses_is_skipped_and_named(monkeypatch):
+    # macOS refuses RLIMIT_AS (EINVAL -> ValueError): the program runs without it, the verdict says so.
+    from pipeline.evaluate import sandbox_child
+    from pipeline.evaluate.sandbox import _classify
+
+    set_here = []
+
+    def setrlimit(limit, values):
+        if limit == sandbox_child.resource.RLIMIT_AS:
+            raise ValueError("current limit exceeds maximum limit")
+        set_here.append(limit)
+
+    monkeypatch.setattr(sandbox_child.resource, "setrlimit", setrlimit)
+    refused = sandbox_child.set_limits({"memory_bytes": 2**30, "cpu_seconds": 10, "file_bytes": 2**20})
+    assert refused == ["memory"] and len(set_here) == 3  # the others are still set
+    outcome = _classify({"isolation": "audit", "limits_refused": refused, "reason": "passed"}, 0, False, "", 0.1, 10)
+    assert outcome.passed and outcome.isolation == "audit (no memory limit)"
+    assert _classify({"isolation": "namespace", "limits_refused": [], "reason": "passed"}, 0, False, "", 0.1,
+                     10).isolation == "namespace"

@@ -31,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import SandboxConfig
 
@@ -45,7 +46,7 @@ class Outcome:
     reason: str  # one of REASONS ("passed" when passed)
     detail: str  # exception text, signal, stderr tail
     seconds: float  # wall time of the process, start to exit or kill
-    isolation: str  # "namespace" | "audit" | "unknown" (died before it said)
+    isolation: str  # "namespace" | "audit" | "unknown" (died before it said); + " (no memory limit)" where refused
 
 
 def run_program(program: str, cfg: SandboxConfig) -> Outcome:
@@ -101,7 +102,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _read_status(fd: int) -> dict[str, str]:
+def _read_status(fd: int) -> dict[str, Any]:
     """Merge the JSON lines the child wrote. Non-blocking: a forked grandchild that escaped the group
     might still hold the pipe open, and we must not wait for it."""
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -114,7 +115,7 @@ def _read_status(fd: int) -> dict[str, str]:
         if not chunk:
             break
         data += chunk
-    status: dict[str, str] = {}
+    status: dict[str, Any] = {}
     for line in data.decode("utf-8", "replace").splitlines():
         try:
             status.update(json.loads(line))
@@ -123,9 +124,12 @@ def _read_status(fd: int) -> dict[str, str]:
     return status
 
 
-def _classify(status: dict[str, str], returncode: int, timed_out: bool, stderr: str, seconds: float,
+def _classify(status: dict[str, Any], returncode: int, timed_out: bool, stderr: str, seconds: float,
               timeout_s: float) -> Outcome:
     isolation = status.get("isolation", "unknown")
+    refused = status.get("limits_refused")  # by the system (macOS: no address-space limit); ran without them
+    if refused:
+        isolation += f" (no {' / '.join(refused)} limit{'s' if len(refused) > 1 else ''})"
     reason = status.get("reason")
     detail = status.get("detail", "")
     if reason is not None:  # the program finished (or the sandbox refused to start)

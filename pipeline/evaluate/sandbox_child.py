@@ -8,8 +8,8 @@ our code either.
 Order matters: user+network namespaces need a single-threaded process (true right after start), and the
 resource limits must be in place before the first line of the program runs.
 
-Status lines (JSON) on the pipe: first `{"isolation": ...}`, then `{"reason": ...}` once the program has
-finished. A process that dies or is killed before the second line is classified by the parent.
+Status lines (JSON) on the pipe: first `{"isolation": ..., "limits_refused": [...]}`, then `{"reason": ...}`
+once the program has finished. A process that dies or is killed before the second line is classified by the parent.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ _BLOCKED = ("socket.connect", "socket.sendto", "socket.sendmsg", "socket.bind", 
 
 def enter_namespaces() -> str | None:
     """Own user + network namespace: the only interface is a downed loopback. None if refused."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    unshare = getattr(ctypes.CDLL(None, use_errno=True), "unshare", None)
+    if unshare is None:  # not Linux (macOS): no namespaces at all; `auto` falls back to the audit guard
+        return f"no unshare() in the C library of {sys.platform}"
     uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+    if unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
         return os.strerror(ctypes.get_errno())
     # Map our ids onto themselves, so the program keeps exactly the file access it had (without a map
     # it would run as `nobody` and could not use its own working directory).
@@ -45,6 +47,23 @@ def enter_namespaces() -> str | None:
     except OSError:
         pass  # still network-isolated; only the file ownership view differs
     return None
+
+
+def set_limits(settings: dict) -> list[str]:
+    """Set the resource limits; returns the names of those the system refused. macOS refuses an address-space
+    limit (EINVAL, which Python reports as ValueError): the program then runs without one, and says so,
+    rather than every program failing before it starts."""
+    memory, cpu, file_bytes = settings["memory_bytes"], settings["cpu_seconds"], settings["file_bytes"]
+    refused = []
+    for name, limit, values in (("memory", resource.RLIMIT_AS, (memory, memory)),
+                                ("CPU time", resource.RLIMIT_CPU, (cpu, cpu + 1)),  # SIGXCPU at the soft limit
+                                ("file size", resource.RLIMIT_FSIZE, (file_bytes, file_bytes)),
+                                ("core size", resource.RLIMIT_CORE, (0, 0))):
+        try:
+            resource.setrlimit(limit, values)
+        except (ValueError, OSError):
+            refused.append(name)
+    return refused
 
 
 def _audit_guard(event: str, args: tuple) -> None:
@@ -74,13 +93,8 @@ def main() -> None:
     if isolation == "none":  # auto without namespaces, or audit asked for explicitly
         sys.addaudithook(_audit_guard)
         isolation = "audit"
-    os.write(status, (json.dumps({"isolation": isolation}) + "\n").encode())
-
-    memory, cpu = settings["memory_bytes"], settings["cpu_seconds"]
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at the soft limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, (settings["file_bytes"], settings["file_bytes"]))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    refused_limits = set_limits(settings)
+    os.write(status, (json.dumps({"isolation": isolation, "limits_refused": refused_limits}) + "\n").encode())
 
     with open("program.py", encoding="utf-8") as f:
         source = f.read()
