@@ -70,7 +70,7 @@ def main() -> None:
         result = {"setting": name, "cpus": os.cpu_count(), **json.loads(line[len("RESULT "):])}
         print(json.dumps(result), flush=True)
         results.append(result)
-    print(f"\n| setting | engine start (s) | generate (s) | output tok/s |\n|---|---|---|---|")
+    print("\n| setting | engine start (s) | generate (s) | output tok/s |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['setting']} | {r['engine_start_s']} | {r['generate_s']} | {r['output_tokens_per_s']} |")
 
