@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import re
@@ -50,6 +51,8 @@ EVALUATE_FLAGS = {
     "output": "output",
 }
 
+LOOP_FLAGS = {"output": "output", "engine": ("generate.model.engine", "evaluate.model.engine")}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -83,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "one); writes OUTPUT/report.md with the before/after pass@1 table.")
     loop.add_argument("--output", metavar="DIR", help="root output folder (local or s3://...)")
     _add_common(loop)
-    loop.set_defaults(run=run_loop, schema=LoopConfig, flags={"output": "output"})
+    loop.add_argument("--engine", choices=["vllm", "transformers"], help="generate's and evaluate's engine: " + ENGINE_HELP)
+    loop.set_defaults(run=run_loop, schema=LoopConfig, flags=LOOP_FLAGS)
 
     demo = sub.add_parser("demo", help="the whole loop on the embedded default (bundled corpus + model)",
                           description="generate -> train (LoRA) -> evaluate base and tuned on a HumanEval slice, "
@@ -91,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "laptop (configs/demo.yaml).")
     demo.add_argument("--output", metavar="DIR", default="outputs/demo", help="output folder (default: %(default)s)")
     _add_common(demo, default_config=str(CONFIGS / "demo.yaml"))
-    demo.set_defaults(run=run_loop, schema=LoopConfig, flags={"output": "output"})
+    demo.add_argument("--engine", choices=["vllm", "transformers"],
+                      help="generate's and evaluate's engine (default: the config's, vllm; transformers where vLLM "
+                           "is not installed, as on macOS, for which vLLM has no CPU build)")
+    demo.set_defaults(run=run_loop, schema=LoopConfig, flags=LOOP_FLAGS)
 
     tr = sub.add_parser("train", help="fine-tune the base model on generated + original pairs (Ray Train)",
                         description="Run (or resume, in the same --output) a TorchTrainer fine-tuning job; "
@@ -169,7 +176,7 @@ def _add_common(p: argparse.ArgumentParser, default_config: str | None = None) -
 
 
 def config_from_args(args: argparse.Namespace, schema: type = GenerateConfig,
-                     flags: dict[str, str] = GENERATE_FLAGS) -> Any:
+                     flags: dict[str, str | tuple[str, ...]] = GENERATE_FLAGS) -> Any:
     """YAML (--config) + --set KEY=VALUE + the subcommand's own flags -> validated config of `schema`."""
     overrides: dict[str, Any] = {}
     for item in args.set:
@@ -182,11 +189,23 @@ def config_from_args(args: argparse.Namespace, schema: type = GenerateConfig,
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"--set {item}: the value is not valid YAML ({problem}); quote a string that "
                               f"starts with [, {{, @ or `: --set '{key.strip()}=\"...\"'") from None
-    for flag, key in flags.items():
+    for flag, keys in flags.items():
         value = getattr(args, flag, None)
         if value is not None:
-            overrides[key] = value
+            overrides.update((key, value) for key in ((keys,) if isinstance(keys, str) else keys))
     return load_config(args.config, overrides, schema)
+
+
+def demo_engine_here(args: argparse.Namespace) -> None:
+    """The demo is the first thing run on a laptop: where vLLM is not installed (macOS, for which vLLM has no CPU
+    build, and scripts/setup.sh skips it) it runs with the transformers engine, unless an engine was asked for."""
+    asked = args.engine is not None or any(item.partition("=")[0].strip().endswith("model.engine") for item in args.set)
+    if asked or importlib.util.find_spec("vllm") is not None:
+        return
+    args.engine = "transformers"
+    logging.getLogger("pipeline.cli").warning(
+        "vLLM is not installed on this machine: the demo runs with the transformers engine (slower; "
+        "--engine vllm insists on vLLM)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    if args.command == "demo":
+        demo_engine_here(args)
     try:
         cfg = config_from_args(args, args.schema, args.flags)  # every config error surfaces here, before any work
     except (ConfigError, OSError) as err:

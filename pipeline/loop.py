@@ -46,8 +46,9 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
         raise ConfigError(f"train.{err}") from None
     if cfg.train.lora.enabled:  # what the later steps' workers and actors import: missing, it fails now
         check_installed("peft", f"train.{PEFT_MISSING}")
-    if cfg.evaluate.model.engine == "vllm":
-        check_installed("vllm", f"evaluate.{VLLM_MISSING}")
+    for step in ("generate", "evaluate"):  # generate checks its own, but only after the loop's folder is made
+        if getattr(cfg, step).model.engine == "vllm":
+            check_installed("vllm", f"{step}.{VLLM_MISSING}")
     if cfg.evaluate.benchmark.plus_path is not None:  # a bad EvalPlus file fails now, not after training
         from pipeline.evaluate.plus import load_plus_problems
 

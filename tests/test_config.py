@@ -119,6 +119,33 @@ def test_flags_override_yaml(tmp_path):
     assert cfg.compute.batch_size == 16 and cfg.output == "x"
 
 
+@pytest.mark.parametrize("vllm_installed", [True, False])
+def test_the_demo_runs_with_the_transformers_engine_where_vllm_is_not_installed(vllm_installed, monkeypatch, caplog):
+    # macOS: vLLM has no CPU build there, and scripts/setup.sh installs none; the README's first command must work.
+    import importlib.util
+
+    from pipeline.cli import demo_engine_here
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (find_spec(name, *a) if vllm_installed else None) if name == "vllm"
+                        else find_spec(name, *a))
+
+    def engines(*argv: str) -> tuple[str, str]:
+        args = build_parser().parse_args(["demo", *argv])
+        demo_engine_here(args)
+        cfg = config_from_args(args, args.schema, args.flags)
+        return cfg.generate.model.engine, cfg.evaluate.model.engine
+
+    expected = ("vllm", "vllm") if vllm_installed else ("transformers", "transformers")
+    assert engines() == expected
+    assert ("the demo runs with the transformers engine" in caplog.text) == (not vllm_installed)
+    # Asked for, an engine is kept whether or not vLLM is here (without it, the run then says vLLM is missing).
+    assert engines("--engine", "vllm") == ("vllm", "vllm")
+    assert engines("--engine", "transformers") == ("transformers", "transformers")
+    assert engines("--set", "evaluate.model.engine=vllm") == ("vllm", "vllm")  # one set: both as configured
+
+
 def test_a_config_file_that_cannot_be_read_is_a_one_line_error(tmp_path):
     """A mistyped --config printed Python's `[Errno 2] No such file or directory: '...'`; a file in another
     encoding (a Windows editor's Latin-1) ended the command with a UnicodeDecodeError traceback."""

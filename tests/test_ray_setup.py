@@ -60,6 +60,11 @@ def test_a_machine_without_vllm_is_told_so_in_one_line(ray_local, tiny_model, tm
 
     with pytest.raises(ConfigError, match=missing):
         VLLMEngine(ModelConfig(), tiny_model)
+    loop = {"train.model.path": tiny_model, "generate.model.path": tiny_model, "evaluate.model.engine": "transformers",
+            "output": str(tmp_path / "l")}
+    with pytest.raises(ConfigError, match="^generate." + missing):  # (generate's own check: after the folder)
+        run_loop(load_config(overrides=loop, schema=LoopConfig))
+    assert not (tmp_path / "l").exists()
     monkeypatch.setattr(ray_setup, "_own_instance", False)  # a cluster: its nodes may have vLLM where this has not
     ray_setup.check_engine_actors(load_config(overrides=overrides))
 
