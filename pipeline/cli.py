@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "one); writes OUTPUT/report.md with the before/after pass@1 table.")
     loop.add_argument("--output", metavar="DIR", help="root output folder (local or s3://...)")
     _add_common(loop)
-    loop.add_argument("--engine", choices=["vllm", "transformers"], help="generate's and evaluate's engine: " + ENGINE_HELP)
+    loop.add_argument("--engine", choices=["vllm", "transformers"],
+                      help="generate's and evaluate's engine: " + ENGINE_HELP)
     loop.set_defaults(run=run_loop, schema=LoopConfig, flags=LOOP_FLAGS)
 
     demo = sub.add_parser("demo", help="the whole loop on the embedded default (bundled corpus + model)",
