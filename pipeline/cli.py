@@ -376,8 +376,10 @@ def run_evaluate(cfg: EvaluateConfig, args: argparse.Namespace) -> int:
 
     s = evaluate(cfg, overwrite=args.overwrite, verbose=args.verbose)
     c = s["counts"]
-    print(f"{s['benchmark']} pass@1 = {s['pass@1']:.4f} ({c['passed']}/{c['problems']}) in {s['seconds']['wall']:.0f}s; "
-          f"by reason {json.dumps(c['by_reason'])}; sandbox {'+'.join(s['sandbox_isolation'])}\n" +
+    resumed = f", {s['resumed_from']} from an earlier run" if s.get("resumed_from") else ""
+    head = f"{s['benchmark']} pass@1 = {s['pass@1']:.4f} ({c['passed']}/{c['problems']}{resumed})"
+    print(f"{head} in {s['seconds']['wall']:.0f}s; by reason {json.dumps(c['by_reason'])}; "
+          f"sandbox {'+'.join(s['sandbox_isolation'])}\n" +
           (f"{s['benchmark']}+ pass@1 = {s['pass@1_plus']:.4f} ({c['plus']['passed']}/{c['problems']}) "
            f"(EvalPlus' base + extra tests)\n" if "pass@1_plus" in s else "") +
           f"outputs in {cfg.output}: samples.jsonl results.jsonl summary.json")

@@ -89,7 +89,9 @@ def run_loop(cfg: LoopConfig, overwrite: bool = False, verbose: bool = False) ->
                 log.info("loop: %s %s already evaluated in %s, reusing it", name, bench, eval_cfg.output)
                 summary = previous
             else:
-                summary = evaluate(eval_cfg, overwrite=True, verbose=verbose)
+                # A stale summary is replaced; a stopped evaluation of this config and model is resumed.
+                summary = evaluate(eval_cfg, overwrite=overwrite or previous is not None, verbose=verbose,
+                                   replace_stale=True)
             scores.setdefault(bench, {})[name] = summary
             seconds[f"evaluate {name} {bench}"] = round(time.perf_counter() - t0, 1)
 

@@ -6,14 +6,17 @@
 
 The two stages stream: programs run while later batches are still being generated. The output is small
 (one row per problem), so the driver collects it and writes the three files through pipeline/output.py's
-OutputDir (local or s3://).
+OutputDir (local or s3://). Each batch of results is also written to `_work/results/` as it arrives: a stopped
+run, started again with the same config and output, evaluates only the problems it had not finished.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -22,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipeline.config import ConfigError, EvaluateConfig, SandboxConfig, to_dict
+from pipeline.config import ENGINE_SPEED_KEYS, ConfigError, EvaluateConfig, SandboxConfig, config_changes, to_dict
 from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation, job_ledger
 from pipeline.engines import (Engine, SamplingSpec, close_owned_engine, context_limit_text, create_engine,
                               each_or_alone, restart_actor_if_engine_dead)
@@ -31,11 +34,13 @@ from pipeline.evaluate.plus import load_plus_problems
 from pipeline.evaluate.sandbox import Outcome, run_program
 from pipeline.output import OutputDir
 from pipeline.manifest import versions
-from pipeline.models import resolve_model_path
+from pipeline.models import model_version, resolve_model_path, stamps_differ
 from pipeline.progress import progress_lines
 from pipeline.prompts import PromptBuilder
 
+log = logging.getLogger(__name__)
 FILES = ("samples.jsonl", "results.jsonl", "summary.json")
+WORK, STARTED, RESULTS_SO_FAR = "_work", "_work/started.json", "_work/results"  # a stopped run's results
 _KEPT = ("index", "task_id", "completion", "generation_s", "engine_load_s", "prompt_format")
 RESULT_SCHEMA = pa.schema([
     ("index", pa.int64()), ("task_id", pa.string()), ("completion", pa.string()), ("generation_s", pa.float64()),
@@ -137,8 +142,14 @@ def execute(batch: pa.Table, sandbox: SandboxConfig) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
-def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Run the job; returns the summary that it also writes to `output/summary.json`."""
+def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False,
+             replace_stale: bool = False) -> dict[str, Any]:
+    """Run (or resume) the job; returns the summary that it also writes to `output/summary.json`.
+
+    Resume: each batch of results is written to `_work/results/` as it arrives, so a stopped run of the same
+    config continues with the problems it had not finished. Work made with another config (or another model
+    at the same path) is refused unless `overwrite` (start afresh) or `replace_stale` (what `loop` asks:
+    discard it, keep work that still matches). `_work/` is removed once the three files are written."""
     from pipeline.ray_setup import actor_pool, check_engine_actors, start_ray
 
     evalplus = cfg.benchmark.plus_path is not None
@@ -150,35 +161,79 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     start_ray(cfg.compute.ray_address, verbose)
     check_engine_actors(cfg)  # (and the model) before the output folder is made
     out = OutputDir(cfg.output)
-    if out.exists("summary.json") and not overwrite:
-        raise ConfigError(f"output {out.uri} already holds an evaluation (summary.json); use a new --output "
-                          f"or --overwrite")
+    order = {p.task_id: i for i, p in enumerate(problems)}
+    done = [r for r in _earlier_results(out, cfg, overwrite, replace_stale) if r["task_id"] in order]
+    if done:
+        log.info("evaluate: resuming in %s, %d of %d problems done by an earlier run", out.uri, len(done),
+                 len(problems))
     started_at = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
     c = cfg.compute
-    items = [{"index": i, **p.to_row()} for i, p in enumerate(problems)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // c.batch_size)))
-    with job_ledger() as ledger, progress_lines(ledger, "evaluate", "completions", len(items),
-                                                every_s=c.progress_every_s):
-        results = ds.map_batches(
-            Completer, fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger}, batch_size=c.batch_size,
-            batch_format="pyarrow", **actor_pool(cfg),
-        ).map_batches(
-            execute, fn_kwargs={"sandbox": sandbox}, batch_size=c.batch_size, num_cpus=1, batch_format="pyarrow",
-        ).take_all()
-        crashes = ray.get(ledger.summary.remote())
+    finished = {r["task_id"] for r in done}
+    items = [{"index": i, **p.to_row()} for i, p in enumerate(problems) if p.task_id not in finished]
+    rows, crashes = list(done), {"actor_deaths": 0, "in_flight_at_deaths": 0, "rejected": 0}
+    if items:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // c.batch_size)))
+        with job_ledger() as ledger, progress_lines(ledger, "evaluate", "completions", len(problems), len(done),
+                                                    every_s=c.progress_every_s):
+            results = ds.map_batches(
+                Completer, fn_constructor_kwargs={"cfg": cfg, "crash_ledger": ledger}, batch_size=c.batch_size,
+                batch_format="pyarrow", **actor_pool(cfg),
+            ).map_batches(
+                execute, fn_kwargs={"sandbox": sandbox}, batch_size=c.batch_size, num_cpus=1,
+                batch_format="pyarrow",
+            )
+            for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+                out.write_parquet(f"{RESULTS_SO_FAR}/{uuid.uuid4().hex}.parquet", batch)  # what a stop keeps
+                rows.extend(batch.to_pylist())
+            crashes = ray.get(ledger.summary.remote())
     wall = time.perf_counter() - t0
-    rows = sorted(results, key=lambda r: r["index"])
-    if [r["task_id"] for r in rows] != [p.task_id for p in problems]:  # every problem exactly once
+    rows.sort(key=lambda r: order[r["task_id"]])
+    if [r["task_id"] for r in rows] != list(order):  # every problem exactly once
         raise RuntimeError(f"evaluate: {len(rows)} results for {len(problems)} problems")
 
     _write_jsonl(out, "samples.jsonl", [{"task_id": r["task_id"], "solution": r["solution"]} for r in rows])
     keys = ("task_id", "passed", "reason", "detail", "seconds", "isolation", "completion", "generation_s",
             *(PLUS_KEYS if evalplus else ()))
     _write_jsonl(out, "results.jsonl", [{k: r[k] for k in keys} for r in rows])
-    result = {**summarize(cfg, rows, wall, started_at), "engine_crashes": crashes}
+    result = {**summarize(cfg, rows, wall, started_at), "resumed_from": len(done), "engine_crashes": crashes}
     out.write_json("summary.json", result)
+    out.remove(WORK)
     return result
+
+
+def _earlier_results(out: OutputDir, cfg: EvaluateConfig, overwrite: bool, replace_stale: bool) -> list[dict]:
+    """The result rows a stopped run of this config left in the output folder; [] after clearing it where
+    there are none to keep (then this run's config is recorded, for the next run to compare)."""
+    if out.exists("summary.json") and not overwrite:
+        raise ConfigError(f"output {out.uri} already holds an evaluation (summary.json); use a new --output "
+                          f"or --overwrite")
+    now = {"config": _deciding(cfg), "model_version": model_version(cfg.model.path)}
+    started = out.read_json(STARTED)
+    if started is not None and not overwrite:
+        diff = config_changes(started["config"], now["config"])
+        changed = [f"another config ({'; '.join(diff)})"] if diff else []
+        if stamps_differ(started.get("model_version"), now["model_version"]):
+            changed.append("another model at model.path (its files changed since)")
+        if not changed:
+            tables = out.read_tables(RESULTS_SO_FAR)
+            return pa.concat_tables(tables).to_pylist() if tables else []
+        if not replace_stale:
+            raise ConfigError(f"output {out.uri} holds part of an evaluation of {' and of '.join(changed)}; use a "
+                              f"new --output, or --overwrite to start afresh")
+    for name in (*FILES, WORK):
+        out.remove(name)
+    out.write_json(STARTED, now)
+    return []
+
+
+def _deciding(cfg: EvaluateConfig) -> dict[str, Any]:
+    """The config that decides a problem's result: not `compute`, `output`, the engine's speed settings, nor
+    `benchmark.limit` (another limit keeps the results of the problems it still takes)."""
+    d = to_dict(cfg)
+    return {"model": {k: v for k, v in d["model"].items() if k not in ENGINE_SPEED_KEYS},
+            "benchmark": {k: v for k, v in d["benchmark"].items() if k != "limit"},
+            "generation": d["generation"], "sandbox": d["sandbox"]}
 
 
 def summarize(cfg: EvaluateConfig, rows: list[dict[str, Any]], wall: float, started_at: str) -> dict[str, Any]:
