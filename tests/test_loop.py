@@ -137,9 +137,10 @@ def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in(t
     import pipeline.generate
     import pipeline.train.trainer
 
-    formats, trusted = {}, {}
+    formats, trusted, asked = {}, {}, []
 
-    def fake_evaluate(cfg, **_):
+    def fake_evaluate(cfg, **kwargs):
+        asked.append((kwargs["overwrite"], kwargs["replace_stale"]))
         formats[cfg.output.rsplit("/", 1)[-1]] = cfg.model.prompt_format
         trusted[cfg.output.rsplit("/", 1)[-1]] = cfg.model.trust_remote_code
         return summary(1)
@@ -158,5 +159,6 @@ def test_each_model_is_evaluated_in_the_prompt_format_it_ran_or_was_trained_in(t
     assert formats == {"eval-base-humaneval": "chat", "eval-generator-humaneval": "magicoder",
                        "eval-tuned-humaneval": "chat"}
     assert trusted == {"eval-base-humaneval": False, "eval-generator-humaneval": True, "eval-tuned-humaneval": False}
+    assert asked == [(False, True)] * 3  # no summary there: resume a stopped evaluation of this config, or replace it
     run_loop(load_config(overrides={**paper, "evaluate.model.prompt_format": "magicoder"}, schema=LoopConfig))
     assert set(formats.values()) == {"magicoder"}  # evaluate's own setting wins
