@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import ConfigError, EvaluateConfig, load_config
-from pipeline.evaluate.run import RESULT_SCHEMA, RESULTS_SO_FAR, STARTED, _earlier_results
+from pipeline.evaluate.run import RESULT_SCHEMA, RESULTS_SO_FAR, STARTED, _earlier_results, evaluate
 from pipeline.output import OutputDir
 from tests.process_tools import kill_session
 from tests.test_generate import _cli_env
@@ -25,8 +25,10 @@ def _config(output: Path, model: str = "embedded", **overrides: object) -> Evalu
 
 
 def _results(task_ids: list[str]) -> pa.Table:
-    return pa.Table.from_pylist([{"index": i, "task_id": t, "completion": f"return {i}", "passed": i % 2 == 0,
-                                  "reason": "passed" if i % 2 == 0 else "assertion", "seconds": 0.1}
+    return pa.Table.from_pylist([{"index": i, "task_id": t, "completion": f"return {i}", "solution": f"return {i}",
+                                  "passed": i % 2 == 0, "reason": "passed" if i % 2 == 0 else "assertion",
+                                  "detail": "", "seconds": 0.1, "generation_s": 0.5, "engine_load_s": None,
+                                  "prompt_format": "chat", "isolation": "audit"}
                                  for i, t in enumerate(task_ids)], schema=RESULT_SCHEMA)
 
 
@@ -86,6 +88,21 @@ def test_a_finished_evaluation_is_not_replaced_by_accident(tmp_path):
         _earlier_results(out, cfg, overwrite=False, replace_stale=True)
     assert _earlier_results(out, cfg, overwrite=True, replace_stale=False) == []
     assert not out.exists("summary.json") and not out.read_tables(RESULTS_SO_FAR)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_last_batch_only_writes_the_files(tiny_model, ray_local, tmp_path):
+    """Stopped between its last batch and summary.json: nothing is left to generate, so no engine starts."""
+    cfg = _config(tmp_path / "out", tiny_model, **{"benchmark.limit": 3})
+    _stopped_run(cfg, ["HumanEval/2", "HumanEval/0"]).write_parquet(f"{RESULTS_SO_FAR}/b.parquet",
+                                                                   _results(["HumanEval/1"]))
+    summary = evaluate(cfg)
+    assert summary["resumed_from"] == 3 and summary["counts"]["problems"] == 3
+    assert summary["engine_crashes"]["actor_deaths"] == 0 and summary["seconds"]["engine_load"] == 0
+    results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["task_id"], r["completion"]) for r in results] == [  # in the benchmark's order
+        ("HumanEval/0", "return 1"), ("HumanEval/1", "return 0"), ("HumanEval/2", "return 0")]
+    assert not (tmp_path / "out" / "_work").exists()
 
 
 def _evaluate_cli(model: str, output: Path) -> list[str]:
