@@ -92,10 +92,12 @@ def test_a_finished_evaluation_is_not_replaced_by_accident(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_stopped_after_its_last_batch_only_writes_the_files(tiny_model, ray_local, tmp_path):
-    """Stopped between its last batch and summary.json: nothing is left to generate, so no engine starts."""
+    """Stopped between its last batch and summary.json: nothing is left to generate, so no engine starts; each
+    problem counts once."""
     cfg = _config(tmp_path / "out", tiny_model, **{"benchmark.limit": 3})
-    _stopped_run(cfg, ["HumanEval/2", "HumanEval/0"]).write_parquet(f"{RESULTS_SO_FAR}/b.parquet",
-                                                                   _results(["HumanEval/1"]))
+    out = _stopped_run(cfg, ["HumanEval/2", "HumanEval/0"])
+    for name in ("b", "c"):  # two runs at once on one folder: HumanEval/1 written by both
+        out.write_parquet(f"{RESULTS_SO_FAR}/{name}.parquet", _results(["HumanEval/1"]))
     summary = evaluate(cfg)
     assert summary["resumed_from"] == 3 and summary["counts"]["problems"] == 3
     assert summary["engine_crashes"]["actor_deaths"] == 0 and summary["seconds"]["engine_load"] == 0

@@ -162,7 +162,9 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     check_engine_actors(cfg)  # (and the model) before the output folder is made
     out = OutputDir(cfg.output)
     order = {p.task_id: i for i, p in enumerate(problems)}
-    done = [r for r in _earlier_results(out, cfg, overwrite, replace_stale) if r["task_id"] in order]
+    # One row per problem still asked for (two runs at once on one folder could both have written one).
+    done = list({r["task_id"]: r for r in _earlier_results(out, cfg, overwrite, replace_stale)
+                 if r["task_id"] in order}.values())
     if done:
         log.info("evaluate: resuming in %s, %d of %d problems done by an earlier run", out.uri, len(done),
                  len(problems))
@@ -217,7 +219,7 @@ def _earlier_results(out: OutputDir, cfg: EvaluateConfig, overwrite: bool, repla
             changed.append("another model at model.path (its files changed since)")
         if not changed:
             tables = out.read_tables(RESULTS_SO_FAR)
-            return pa.concat_tables(tables).to_pylist() if tables else []
+            return pa.concat_tables(tables, promote_options="default").to_pylist() if tables else []
         if not replace_stale:
             raise ConfigError(f"output {out.uri} holds part of an evaluation of {' and of '.join(changed)}; use a "
                               f"new --output, or --overwrite to start afresh")
