@@ -12,6 +12,18 @@ import pytest
 from pipeline.stopping import Terminated, stop_once, stopped
 
 
+@pytest.fixture(autouse=True)
+def python_defaults():
+    """Python's own handlers, as a command starts with (an in-process Ray instance of another test set its own
+    SIGTERM handler; `start_ray` keeps ours there)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
 def _signal_self(sig: int) -> None:
     os.kill(os.getpid(), sig)
     time.sleep(0.2)  # Python runs the handler in the main thread between bytecodes
@@ -26,8 +38,6 @@ def test_the_first_signal_stops_and_a_second_is_ignored(sig, said):
     assert stopped(stop.value) == said and isinstance(stop.value, Terminated) == (sig == signal.SIGTERM)
     assert {s: signal.getsignal(s) for s in before} == {s: signal.SIG_IGN for s in before}  # until the exit
     _signal_self(signal.SIGINT)  # ignored: nothing raised
-    for s, handler in before.items():
-        signal.signal(s, handler)
 
 
 def test_without_a_stop_the_default_handlers_come_back():
