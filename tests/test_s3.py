@@ -233,6 +233,9 @@ def test_evaluate_a_model_in_s3(s3_env, s3_model):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(client.get_object(Bucket="corpus", Key="eval/he/summary.json")["Body"].read())
     assert summary["counts"]["problems"] == 2 and summary["config"]["model"]["path"] == s3_model
+    files = sorted(o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="eval/he/")["Contents"]
+                   if not o["Key"].endswith("/"))
+    assert files == ["eval/he/results.jsonl", "eval/he/samples.jsonl", "eval/he/summary.json"]  # _work/ removed
 
 
 def test_train_from_and_to_s3(s3_env, s3_corpus, s3_model, first_run, tiny_model, tmp_path):
