@@ -123,7 +123,8 @@ def test_a_killed_evaluation_resumes_where_it_stopped(tiny_model, tmp_path):
     proc = subprocess.Popen(_evaluate_cli(tiny_model, cut), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(cut.glob(f"{RESULTS_SO_FAR}/*.parquet"))) < 2 and proc.poll() is None:
+    # Three files: the last may be cut short by the kill (and then deleted), two are whole.
+    while time.time() < deadline and len(list(cut.glob(f"{RESULTS_SO_FAR}/*.parquet"))) < 3 and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, "the run finished before it could be stopped"
     kill_session(proc)  # the driver, the local Ray instance it started, Ray's workers
