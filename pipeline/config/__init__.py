@@ -129,6 +129,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def deciding_model_config(model: dict[str, Any]) -> dict[str, Any]:
+    """A model config (as a dict) without the engine's speed knobs (ENGINE_SPEED_KEYS): what decides the text
+    it writes, compared before work made with it is resumed."""
+    return {k: v for k, v in model.items() if k not in ENGINE_SPEED_KEYS}
+
+
 def stage_configs(cfg: GenerateConfig) -> dict[str, dict[str, Any]]:
     """The config sections that decide each stage's output, for safe resume.
 
@@ -136,7 +142,7 @@ def stage_configs(cfg: GenerateConfig) -> dict[str, dict[str, Any]]:
     not invalidate finished work.
     """
     d = to_dict(cfg)
-    d["model"] = {k: v for k, v in d["model"].items() if k not in ENGINE_SPEED_KEYS}
+    d["model"] = deciding_model_config(d["model"])
     stages = {
         "preprocess": ["input", "extract"],
         "inverse": ["input", "extract", "model", "summarize", "judge"],

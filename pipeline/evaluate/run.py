@@ -25,8 +25,9 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipeline.config import ENGINE_SPEED_KEYS, ConfigError, EvaluateConfig, SandboxConfig, config_changes, to_dict
-from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation, job_ledger
+from pipeline.config import (ConfigError, EvaluateConfig, SandboxConfig, config_changes, deciding_model_config,
+                             to_dict)
+from pipeline.crash_isolation import REASON as CRASH_REASON, CrashIsolation, CrashLedger, job_ledger
 from pipeline.engines import (Engine, SamplingSpec, close_owned_engine, context_limit_text, create_engine,
                               each_or_alone, restart_actor_if_engine_dead)
 from pipeline.evaluate import benchmarks
@@ -163,17 +164,16 @@ def evaluate(cfg: EvaluateConfig, overwrite: bool = False, verbose: bool = False
     out = OutputDir(cfg.output)
     order = {p.task_id: i for i, p in enumerate(problems)}
     # One row per problem still asked for (two runs at once on one folder could both have written one).
-    done = list({r["task_id"]: r for r in _earlier_results(out, cfg, overwrite, replace_stale)
-                 if r["task_id"] in order}.values())
+    earlier = {r["task_id"]: r for r in _earlier_results(out, cfg, overwrite, replace_stale) if r["task_id"] in order}
+    done = list(earlier.values())
     if done:
         log.info("evaluate: resuming in %s, %d of %d problems done by an earlier run", out.uri, len(done),
                  len(problems))
     started_at = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
     c = cfg.compute
-    finished = {r["task_id"] for r in done}
-    items = [{"index": i, **p.to_row()} for i, p in enumerate(problems) if p.task_id not in finished]
-    rows, crashes = list(done), {"actor_deaths": 0, "in_flight_at_deaths": 0, "rejected": 0}
+    items = [{"index": i, **p.to_row()} for i, p in enumerate(problems) if p.task_id not in earlier]
+    rows, crashes = list(done), CrashLedger().summary()  # all zeros when nothing runs
     if items:
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // c.batch_size)))
         with job_ledger() as ledger, progress_lines(ledger, "evaluate", "completions", len(problems), len(done),
@@ -233,7 +233,7 @@ def _deciding(cfg: EvaluateConfig) -> dict[str, Any]:
     """The config that decides a problem's result: not `compute`, `output`, the engine's speed settings, nor
     `benchmark.limit` (another limit keeps the results of the problems it still takes)."""
     d = to_dict(cfg)
-    return {"model": {k: v for k, v in d["model"].items() if k not in ENGINE_SPEED_KEYS},
+    return {"model": deciding_model_config(d["model"]),
             "benchmark": {k: v for k, v in d["benchmark"].items() if k != "limit"},
             "generation": d["generation"], "sandbox": d["sandbox"]}
 
