@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.config import BenchmarkConfig, ConfigError
-from pipeline.evaluate.benchmarks import Problem
+from pipeline.evaluate.benchmarks import Problem, continued
 from pipeline.io import as_uri
 from pipeline.prompts import EVAL_ANSWER_START
 
@@ -79,17 +79,17 @@ def _problem(cfg: BenchmarkConfig, task: dict[str, Any]) -> Problem:
     base, plus = task["base_input"], task["plus_input"]
     if cfg.name == "mbpp":
         base, plus = mbpp_deserialize_inputs(task_id, base), mbpp_deserialize_inputs(task_id, plus)
-        problem, answer_start, prompt = task["prompt"].strip(), EVAL_ANSWER_START, ""
+        problem, answer_start, prompt, cut = task["prompt"].strip(), EVAL_ANSWER_START, "", ""
     else:
         prompt = task["prompt"].lstrip("\n")
-        problem, answer_start = prompt, EVAL_ANSWER_START + prompt
+        problem, (answer_start, cut) = prompt, continued(prompt)
     canonical = task["prompt"] + task["canonical_solution"]  # as evalplus' get_groundtruth runs it
     common = {"dataset": cfg.name, "entry_point": entry_point, "canonical": canonical,
               "atol": float(task.get("atol") or 0), "min_time_limit": cfg.plus_min_time_limit_s,
               "time_limit_factor": cfg.plus_time_limit_factor}
     return Problem(task_id=task_id, problem=problem, answer_start=answer_start, prompt=prompt,
                    entry_point=entry_point, test=suite_test({**common, "name": "base", "inputs": base}),
-                   reference=task["canonical_solution"],
+                   reference=cut + task["canonical_solution"],
                    plus_test=suite_test({**common, "name": "plus", "inputs": plus}))
 
 
