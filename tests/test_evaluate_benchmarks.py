@@ -57,7 +57,7 @@ def test_completion_to_solution_rule():
 def test_humaneval_answer_start_leaves_the_body_indent_to_the_model():
     """The answer start ends with the prompt's last text, not its newline: the newline and the body's indent are
     one token the model writes itself. With the newline in the prompt, SmolLM2-135M-Instruct's next token was
-    the closing fence on 4 of HumanEval's first 6 problems (0/164 pass@1); now it starts the body on each."""
+    the closing fence on each of HumanEval's first 6 problems (0/164 pass@1); now it starts the body on each."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
