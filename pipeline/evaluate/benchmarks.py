@@ -85,7 +85,7 @@ def continued(prompt: str) -> tuple[str, str]:
 
     The prompt ends in a newline; the answer start does not, as in Magicoder's evaluation, whose prompt this is
     (ise-uiuc/magicoder experiments/text2code.py strips HumanEval's prompt before both of its uses). BPE
-    tokenizers merge a newline with the next line's indent ("\n   " is one token in SmolLM2's), so a prompt
+    tokenizers merge a newline with the next line's indent ("\\n   " is one token in SmolLM2's), so a prompt
     ending in a bare newline token is a boundary the model rarely saw before an indented line:
     SmolLM2-135M-Instruct closed the fence there (P = 0.94 on HumanEval/0) and scored 0/164; without the
     newline it starts the body (P = 0.97).
